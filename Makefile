@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REPOSITORY ?= model_repository
+# Pytest arguments, e.g. `make test PYTEST_ARGS="-k arithmetic"`
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test protos clean
+
+# The venv is rebuilt when pyproject.toml changes. On a machine without a GPU, install a CPU
+# build of torch into .venv first (pip install torch --index-url https://download.pytorch.org/whl/cpu);
+# otherwise pip picks torch's CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Set up, train the default model when the repository has none, serve it.
+serve: setup
+	@if [ -z "$$(ls -A $(REPOSITORY) 2>/dev/null)" ]; then \
+		echo "no model in $(REPOSITORY): training the default (digits, alexnet_small)"; \
+		$(VENV)/bin/convserve train --repository $(REPOSITORY); \
+	fi
+	$(VENV)/bin/convserve serve --repository $(REPOSITORY)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the committed protobuf modules under service/proto from protos/
+protos: setup
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,7 @@
+"""The CNN zoo: `list_models()`, `get_model(name, **kwargs)` and the builders themselves."""
+
+from ._api import ZooCNN, get_model, list_models, register_model
+from .alexnet import alexnet, alexnet_small
+from .googlenet import googlenet
+
+__all__ = ["ZooCNN", "get_model", "list_models", "register_model", "alexnet", "alexnet_small", "googlenet"]

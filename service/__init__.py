@@ -1,0 +1,1 @@
+"""The serving half of convserve. Never imports torch: its container has none."""

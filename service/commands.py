@@ -1,0 +1,1 @@
+"""Subcommands beyond `arithmetic`; each registers itself with `service.cli.command`."""

@@ -1,0 +1,49 @@
+"""The command line: JSON output, and bad input as one line on stderr with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def convserve(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=300)
+
+
+def test_arithmetic_alexnet_json():
+    result = convserve("arithmetic", "alexnet", "--json")
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert table["total_params"] == 61_100_840
+    assert isinstance(table["total_macs"], int) and isinstance(table["layers"], list)
+    assert table["layers"][0]["name"] == "conv1"
+
+
+def test_arithmetic_table_and_paper():
+    result = convserve("arithmetic", "alexnet_small", "--input", "1x32x32", "--num-classes", "10")
+    assert result.returncode == 0 and "conv5" in result.stdout and "fc layers" in result.stdout
+    paper = convserve("arithmetic", "googlenet", "--paper")
+    assert paper.returncode == 0 and "differs > 5%" in paper.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("arithmetic", "resnet9000"),
+    ("arithmetic", "alexnet", "--input", "3x224"),
+    ("arithmetic", "alexnet", "--input", "3x10x10"),
+    ("arithmetic", "tests/conftest.py"),
+    ("arithmetic", "missing/model.onnx"),
+    ("arithmetic", "alexnet", "--bogus"),
+    ("arithmetic", "alexnet", "--paper"),
+])
+def test_bad_input_is_one_line_and_exit_2(args):
+    result = convserve(*args)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("convserve: error:"), result.stderr
