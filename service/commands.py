@@ -1,1 +1,101 @@
-"""Subcommands beyond `arithmetic`; each registers itself with `service.cli.command`."""
+"""Subcommands beyond `arithmetic`; each registers itself with `service.cli.command`.
+
+The training-half commands import models.train / models.export (and so torch) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .cli import UsageError, command
+
+# ---- train -------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits",
+                   help="digits (built in), imagefolder:PATH, cifar10:PATH, mnist:PATH or fashion-mnist:PATH")
+    p.add_argument("--arch", default="alexnet_small", help="zoo model (default alexnet_small)")
+    p.add_argument("--width-mult", type=float, default=None, help="alexnet_small width multiplier (default 0.5)")
+    p.add_argument("--image-size", type=int, default=None, help="square input side (default: the arch's own)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip (default: off for digits and MNIST, on otherwise)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--output", default=None, help="run folder: checkpoint, metrics.jsonl, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--repository", default=None, help="model repository (default model_repository)")
+    p.add_argument("--name", default=None, help="model name in the repository (default: the dataset's kind)")
+    p.add_argument("--no-export", action="store_true", help="train only; export later with `convserve export`")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, only a line per epoch")
+
+
+@command("train", "train a CNN and export it into the model repository", _train_args)
+def _train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, TrainError, train
+    from models.export import ExportError
+    from models.repository import RepositoryError, check_name
+
+    overrides = {key: value for key, value in {
+        "dataset": args.dataset, "arch": args.arch, "width_mult": args.width_mult, "image_size": args.image_size,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+        "label_smoothing": args.label_smoothing, "augment": args.augment, "seed": args.seed,
+        "device": args.device, "output": args.output, "repository": args.repository, "name": args.name,
+    }.items() if value is not None}
+    config = TrainConfig(**overrides, resume=args.resume, export=not args.no_export,
+                         progress=not args.no_progress)
+    if "output" not in overrides:
+        config.output = os.path.join("runs", config.model_name())
+    try:
+        if config.export:
+            check_name(config.model_name())
+        train(config)
+    except (TrainError, ExportError, RepositoryError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt written by `convserve train`")
+    p.add_argument("--arch", default=None, help="with --random-init: the zoo model to export untrained")
+    p.add_argument("--random-init", action="store_true", help="export an untrained zoo model")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input", default=None, help="with --random-init: CxHxW (default: the arch's own)")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--name", default=None, help="model name (default: the checkpoint's dataset, or the arch)")
+
+
+@command("export", "export a checkpoint (or an untrained zoo model) to ONNX in the repository", _export_args)
+def _export(args: argparse.Namespace) -> int:
+    from models.arithmetic import parse_input_shape
+    from models.export import ExportError, export_checkpoint, export_random_init
+    from models.repository import RepositoryError, check_name
+
+    try:
+        if args.random_init:
+            if not args.arch or args.checkpoint:
+                raise UsageError("--random-init takes --arch NAME and no checkpoint")
+            if args.num_classes < 1:
+                raise UsageError("--num-classes must be at least 1")
+            shape = parse_input_shape(args.input) if args.input else None
+            name = check_name(args.name or args.arch)
+            folder = export_random_init(args.arch, repository=args.repository, name=name,
+                                        num_classes=args.num_classes, input_shape=shape)
+        else:
+            if not args.checkpoint:
+                raise UsageError("give a checkpoint, or --random-init --arch NAME")
+            if args.name:
+                check_name(args.name)
+            folder = export_checkpoint(args.checkpoint, repository=args.repository, name=args.name)
+    except (ExportError, RepositoryError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"exported {folder}")
+    return 0
