@@ -99,3 +99,72 @@ def _export(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(f"exported {folder}")
     return 0
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .settings import add_arguments
+    add_arguments(p)
+
+
+@command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args)
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .server import serve
+    from .settings import from_sources
+
+    try:
+        settings = from_sources(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if os.path.exists(settings.repository) and not os.path.isdir(settings.repository):
+        raise UsageError(f"repository {settings.repository!r} is a file, not a folder")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# ---- infer -------------------------------------------------------------------------------------
+
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="PNG/JPEG files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--url", default="127.0.0.1:8001")
+    p.add_argument("--top", type=int, default=3, help="classes to show per image")
+    p.add_argument("--feature-map", action="append", default=[], help="also fetch this feature map (repeatable)")
+
+
+@command("infer", "classify image files with a running server", _infer_args)
+def _infer(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client
+
+    images = []
+    for path in args.images:
+        try:
+            with open(path, "rb") as handle:
+                images.append(handle.read())
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    outputs = ["probabilities", *args.feature_map]
+    with Client(args.url) as client:
+        try:
+            response = client.infer(args.model, images=images, outputs=outputs, classification=args.top, timeout=30)
+        except grpc.RpcError as exc:
+            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
+        top = client.output(response, "probabilities")
+        for path, row in zip(args.images, top):
+            print(f"{path}: " + "  ".join(item.decode() for item in row))
+        for name in args.feature_map:
+            fmap = client.output(response, name)
+            print(f"{name}: shape {list(fmap.shape)}, mean {float(fmap.mean()):.4f}, max {float(fmap.max()):.4f}")
+        params = client.parameters(response)
+        print("metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+    return 0

@@ -1,0 +1,177 @@
+"""Dynamic batching: one queue per model version, `instances` workers, one future per request.
+
+Batch while busy: a worker that finds the runtime idle runs what is queued at once, so a lone
+client never waits. Only while another batch is running (with instances > 1) does a worker wait,
+up to `max_queue_delay`, for more requests to fill its batch: then the wait costs nothing, since
+the cores are busy anyway. Requests that arrive while a batch runs are gathered for the next one,
+up to `max_batch_size` images.
+
+The data path: one np.concatenate per batch, outputs handed back as views (slices), no copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import DeadlineExceeded, InvalidInput, ModelNotReady, QueueFull
+
+Runner = Callable[[np.ndarray, list[str]], list[np.ndarray]]
+
+
+@dataclass
+class Job:
+    """One request's share of a batch."""
+    inputs: np.ndarray                 # float32 (n, C, H, W)
+    outputs: frozenset[str]            # the model outputs this request needs
+    deadline: Optional[float] = None   # time.monotonic() after which it must not run
+    future: asyncio.Future = field(default=None)   # type: ignore[assignment]
+    enqueued_ns: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.inputs.shape[0]
+
+
+@dataclass
+class BatchResult:
+    outputs: dict[str, np.ndarray]     # name -> (n, ...) view into the batch's output
+    queue_ns: int                      # submit -> its batch started
+    compute_ns: int                    # the session run of its batch
+    batch_size: int                    # images in the batch it ran in
+
+
+@dataclass
+class BatchStats:
+    """What one executed batch reports (for statistics and metrics)."""
+    batch_size: int
+    requests: int
+    compute_ns: int
+    queue_ns: list[int]
+
+
+class Batcher:
+    def __init__(self, runner: Runner, executor: Executor, *, output_order: list[str], max_batch_size: int,
+                 max_queue_delay_s: float, max_queue_size: int, instances: int = 1,
+                 on_batch: Optional[Callable[[BatchStats], None]] = None) -> None:
+        self._runner = runner
+        self._executor = executor
+        self._order = {name: i for i, name in enumerate(output_order)}
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._on_batch = on_batch
+        self._queue: collections.deque[Job] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._running = 0
+        self._closed = False
+        self._workers = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(instances)]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue a job; its future resolves to a BatchResult. Raises QueueFull / ModelNotReady at once."""
+        if self._closed:
+            raise ModelNotReady("this model version is being unloaded")
+        if job.size > self.max_batch_size:
+            raise InvalidInput(f"batch of {job.size} exceeds max_batch_size {self.max_batch_size}")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
+        job.future = asyncio.get_running_loop().create_future()
+        job.enqueued_ns = time.perf_counter_ns()
+        self._queue.append(job)
+        self._arrived.set()
+        return job.future
+
+    async def close(self) -> None:
+        """Stop taking jobs, finish every queued one, then stop the workers."""
+        self._closed = True
+        self._arrived.set()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # ---- workers -----------------------------------------------------------------------------
+
+    def _queued_images(self) -> int:
+        return sum(job.size for job in self._queue)
+
+    async def _wait(self, timeout: Optional[float]) -> None:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _work(self) -> None:
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                await self._wait(None)
+            if self._running and self.max_queue_delay_s > 0 and not self._closed:
+                # another batch holds the runtime: a short wait buys a fuller batch for free
+                until = time.monotonic() + self.max_queue_delay_s
+                while self._queued_images() < self.max_batch_size and (left := until - time.monotonic()) > 0:
+                    await self._wait(left)
+            batch = self._take()
+            if not batch:
+                continue
+            self._running += 1
+            try:
+                await self._run(batch)
+            finally:
+                self._running -= 1
+                if self._queue:
+                    self._arrived.set()   # let an idle worker pick up what arrived meanwhile
+
+    def _take(self) -> list[Job]:
+        """Jobs from the head of the queue, up to max_batch_size images; drops cancelled and expired ones."""
+        batch, images, now = [], 0, time.monotonic()
+        while self._queue:
+            job = self._queue[0]
+            if job.future.done():          # cancelled by its client
+                self._queue.popleft()
+                continue
+            if job.deadline is not None and now > job.deadline:
+                self._queue.popleft()
+                job.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+                continue
+            if images + job.size > self.max_batch_size:
+                break
+            batch.append(self._queue.popleft())
+            images += job.size
+        return batch
+
+    async def _run(self, batch: list[Job]) -> None:
+        names = sorted(set().union(*(job.outputs for job in batch)), key=self._order.__getitem__)
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([job.inputs for job in batch])
+        started = time.perf_counter_ns()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._runner, inputs, names)
+        except Exception as exc:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        compute_ns = time.perf_counter_ns() - started
+        total = inputs.shape[0]
+        offset = 0
+        for job in batch:
+            n = job.size
+            if not job.future.done():
+                views = {name: out[offset:offset + n] for name, out in zip(names, outputs) if name in job.outputs}
+                job.future.set_result(BatchResult(views, started - job.enqueued_ns, compute_ns, total))
+            offset += n
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(total, len(batch), compute_ns, [started - j.enqueued_ns for j in batch]))

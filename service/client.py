@@ -1,0 +1,70 @@
+"""A small client for convserve (any V2 gRPC server works): infer with arrays or encoded images."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import grpc
+import numpy as np
+
+from .postprocess import serialize_bytes
+from .proto import grpc_service_pb2 as pb
+from .proto import grpc_service_pb2_grpc as pb_grpc
+from .protocol import output_array
+
+
+def build_request(model: str, *, array: Optional[np.ndarray] = None, images: Optional[list[bytes]] = None,
+                  outputs: Iterable[str] = (), classification: int = 0, fp16: Iterable[str] = (),
+                  version: str = "", request_id: str = "") -> pb.ModelInferRequest:
+    """A ModelInferRequest with raw contents: `array` float32 (N, C, H, W) as `input`, or `images` as `image`."""
+    if (array is None) == (images is None):
+        raise ValueError("give exactly one of array or images")
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    if array is not None:
+        array = np.ascontiguousarray(array, dtype="<f4")
+        request.inputs.add(name="input", datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    else:
+        request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
+        request.raw_input_contents.append(serialize_bytes(images))
+    fp16 = set(fp16)
+    for name in outputs:
+        out = request.outputs.add(name=name)
+        if classification and name in ("logits", "probabilities"):
+            out.parameters["classification"].int64_param = classification
+        if name in fp16:
+            out.parameters["datatype"].string_param = "FP16"
+    return request
+
+
+class Client:
+    def __init__(self, url: str = "127.0.0.1:8001", *, max_message_bytes: int = 256 * 1024 * 1024) -> None:
+        self.channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", max_message_bytes),
+                                                           ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def live(self) -> bool:
+        return self.stub.ServerLive(pb.ServerLiveRequest()).live
+
+    def ready(self) -> bool:
+        return self.stub.ServerReady(pb.ServerReadyRequest()).ready
+
+    def infer(self, model: str, *, timeout: Optional[float] = None, **kwargs) -> pb.ModelInferResponse:
+        return self.stub.ModelInfer(build_request(model, **kwargs), timeout=timeout)
+
+    @staticmethod
+    def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
+        return output_array(response, name)
+
+    @staticmethod
+    def parameters(response: pb.ModelInferResponse) -> dict:
+        return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in response.parameters.items()}

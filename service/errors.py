@@ -1,0 +1,46 @@
+"""Domain errors of the serving half, and the one place that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    """Base of every error a client should see as a status code and a message."""
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFull(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ShuttingDown(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class LoadFailed(ServingError):
+    """A model version that did not pass validation (checksum, load, warm-up)."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, message) for any exception; unexpected ones are INTERNAL."""
+    if isinstance(error, ServingError):
+        return error.code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
