@@ -1,0 +1,86 @@
+"""A real convserve server in a subprocess, on free ports, serving the session's trained model."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, repository, *extra, env=None):
+        self.repository = str(repository)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = os.path.join(os.path.dirname(self.repository), f"server-{self.port}.log")
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--repository", self.repository, "--host", "127.0.0.1",
+             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), *extra],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, stdout=self.log,
+            stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout=60):
+        from service.proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
+                try:
+                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"server not ready in {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as handle:
+            return handle.read()[-4000:]
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def served_repository(trained, tmp_path_factory):
+    """A copy of the trained repository, so tests may add versions without touching other fixtures."""
+    _, folder = trained
+    root = tmp_path_factory.mktemp("served")
+    repository = root / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def server(served_repository):
+    running = RunningServer(served_repository, "--poll-interval", "0.5")
+    yield running
+    assert running.stop() == 0, running.output()

@@ -1,0 +1,137 @@
+"""Model versions coming and going without a restart, and a graceful SIGTERM under load."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from models.export import export_checkpoint
+from service.client import Client
+from service.proto import grpc_service_pb2 as pb
+
+from .conftest import RunningServer
+
+X = np.zeros((1, 1, 32, 32), np.float32)
+
+
+def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _index(client):
+    return {(m.name, m.version): (m.state, m.reason)
+            for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+
+
+@pytest.fixture
+def own_repository(trained, tmp_path):
+    _, folder = trained
+    repository = tmp_path / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    return repository
+
+
+def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own_repository):
+    result, _ = trained
+    server = RunningServer(own_repository, "--poll-interval", "0.3")
+    try:
+        with Client(server.url) as client:
+            assert client.infer("digits", array=X).model_version == "1"
+            # a good version 2 appears: served without a restart
+            export_checkpoint(os.path.join(result.config.output, "checkpoint.pt"), repository=str(own_repository),
+                              name="digits")
+            assert _wait_for(lambda: client.infer("digits", array=X).model_version == "2"), server.output()
+            # a corrupt version 3: refused, version 2 keeps serving
+            corrupt = own_repository / "digits" / "3"
+            staging = own_repository / ".staging"
+            shutil.copytree(own_repository / "digits" / "2", staging)
+            with open(staging / "model.onnx", "r+b") as handle:
+                handle.seek(1000)
+                handle.write(b"\x00" * 64)
+            os.rename(staging, corrupt)
+            assert _wait_for(lambda: "sha256" in _index(client).get(("digits", "3"), ("", ""))[1]), _index(client)
+            assert _index(client)[("digits", "3")][0] == "UNAVAILABLE"
+            assert client.infer("digits", array=X).model_version == "2"
+            # an explicit load retries and reports the failure; unload and load work on demand
+            with pytest.raises(grpc.RpcError) as info:
+                client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"))
+            with pytest.raises(grpc.RpcError) as info:
+                client.infer("digits", array=X)
+            assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+            time.sleep(1.0)   # a poll must not bring an unloaded model back
+            assert not client.stub.ModelReady(pb.ModelReadyRequest(name="digits")).ready
+            shutil.rmtree(corrupt)
+            client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"))
+            assert client.infer("digits", array=X).model_version == "2"
+            with pytest.raises(grpc.RpcError) as info:
+                client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="../digits"))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_corrupt_only_version_at_start_is_reported(own_repository):
+    broken = own_repository / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.json").write_text("{not json")
+    (broken / "model.onnx").write_bytes(b"junk")
+    server = RunningServer(own_repository)
+    try:
+        with Client(server.url) as client:
+            state, reason = _index(client)[("broken", "1")]
+            assert state == "UNAVAILABLE" and "JSON" in reason
+            assert client.infer("digits", array=X).model_name == "digits"   # the others serve
+            with pytest.raises(grpc.RpcError) as info:
+                client.infer("broken", array=X)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request(own_repository):
+    server = RunningServer(own_repository, "--grace-period", "20")
+    outcomes = []          # (sent at, ok, status code)
+    stop_sending = threading.Event()
+
+    def worker():
+        with Client(server.url) as client:
+            while not stop_sending.is_set():
+                sent_at = time.monotonic()
+                try:
+                    client.infer("digits", array=X, timeout=30)
+                    outcomes.append((sent_at, True, grpc.StatusCode.OK))
+                except grpc.RpcError as exc:
+                    outcomes.append((sent_at, False, exc.code()))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: len(outcomes) > 50, timeout=30)
+    signalled_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(60)
+    stop_sending.set()
+    for t in threads:
+        t.join(30)
+    assert code == 0, server.output()
+    before = [o for o in outcomes if o[0] < signalled_at - 0.05]
+    assert len(before) > 50
+    # everything sent before the signal was accepted, so it was answered, and answered well
+    assert all(ok for _, ok, _ in before), [c for _, ok, c in before if not ok]
+    # what came after was refused cleanly (the server no longer listened), never dropped half-way
+    after = [c for _, ok, c in outcomes if not ok]
+    assert set(after) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, after
+    assert "stopped" in server.output()

@@ -1,0 +1,94 @@
+"""Settings, protocol parsing, postprocessing and preprocessing as plain functions."""
+
+import argparse
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import settings as settings_module
+from service.client import build_request
+from service.errors import InvalidInput
+from service.postprocess import deserialize_bytes, serialize_bytes, top_k
+from service.preprocess import ImageDecodeError, PreprocessSpec, decode_image, preprocess_encoded
+from service.protocol import parse_infer_request
+
+
+def test_settings_flags_over_environment_over_defaults():
+    parser = argparse.ArgumentParser()
+    settings_module.add_arguments(parser)
+    env = {"CONVSERVE_GRPC_PORT": "9001", "CONVSERVE_MAX_BATCH_SIZE": "8", "CONVSERVE_PROVIDERS": "cpu"}
+    s = settings_module.from_sources(parser.parse_args(["--grpc-port", "9100"]), env)
+    assert s.grpc_port == 9100 and s.max_batch_size == 8 and s.providers == "cpu" and s.metrics_port == 8002
+    with pytest.raises(ValueError, match="CONVSERVE_MAX_BATCH_SIZE"):
+        settings_module.from_sources(parser.parse_args([]), {"CONVSERVE_MAX_BATCH_SIZE": "many"})
+    for bad in (["--max-batch-size", "0"], ["--version-policy", "newest"], ["--providers", "rocm"]):
+        with pytest.raises(ValueError):
+            settings_module.from_sources(parser.parse_args(bad), {})
+    assert settings_module.from_sources(parser.parse_args(["--version-policy", "specific:1,3"]), {}).specific_versions() == [1, 3]
+
+
+def test_parse_request_reads_raw_contents_without_copying():
+    x = np.arange(2 * 1 * 4 * 4, dtype=np.float32).reshape(2, 1, 4, 4)
+    request = build_request("m", array=x, outputs=["logits", "conv1"], classification=2, fp16=["conv1"])
+    parsed = parse_infer_request(request)
+    assert np.array_equal(parsed.array, x) and not parsed.array.flags.owndata
+    assert [(o.name, o.classification, o.datatype) for o in parsed.outputs] == [("logits", 2, "FP32"),
+                                                                                ("conv1", 0, "FP16")]
+
+
+def _request_output_twice(request):
+    request.outputs.add(name="a")
+    request.outputs.add(name="a")
+
+
+def _timeout_as_text(request):
+    request.parameters["timeout"].string_param = "soon"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "one input"),
+    (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
+    (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
+    (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
+    (_request_output_twice, "twice"),
+    (_timeout_as_text, "timeout"),
+    (lambda r: setattr(r, "model_name", ""), "model_name"),
+])
+def test_parse_request_errors(mutate, message):
+    request = build_request("m", array=np.zeros((1, 1, 4, 4), np.float32))
+    mutate(request)
+    with pytest.raises(InvalidInput, match=message):
+        parse_infer_request(request)
+
+
+def test_bytes_tensors_round_trip_and_truncation():
+    items = [b"", b"abc", bytes(range(256))]
+    assert deserialize_bytes(serialize_bytes(items)) == items
+    with pytest.raises(ValueError):
+        deserialize_bytes(serialize_bytes(items)[:-1])
+    request = build_request("m", images=[b"x"])
+    request.raw_input_contents[0] = request.raw_input_contents[0][:3]
+    with pytest.raises(InvalidInput):
+        parse_infer_request(request)
+
+
+def test_top_k_is_triton_shaped():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], np.float32)
+    out = top_k(scores, 2, ["cat", "dog", "eel"])
+    assert out.shape == (2, 2)
+    assert out[0].tolist() == [b"0.700000:1:dog", b"0.200000:2:eel"]
+    assert out[1][0] == b"0.500000:0:cat"
+
+
+def test_preprocess_resizes_converts_and_normalises():
+    spec = PreprocessSpec(32, 32, 1, "bilinear", (0.5,), (0.25,))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(buffer, format="PNG")
+    batch = preprocess_encoded([buffer.getvalue()] * 2, spec)
+    assert batch.shape == (2, 1, 32, 32) and batch.dtype == np.float32
+    assert np.allclose(batch, (1.0 - 0.5) / 0.25)
+    assert decode_image(buffer.getvalue(), spec).shape == (32, 32, 1)
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"GIF89a-but-not-really", spec)
