@@ -168,3 +168,35 @@ def _infer(args: argparse.Namespace) -> int:
         params = client.parameters(response)
         print("metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     return 0
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--clients", default="1,16", help="comma list of concurrent client counts")
+    p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    p.add_argument("--input-kind", choices=["input", "image"], default="input")
+    p.add_argument("--feature-map", action="append", default=[], help="also request this feature map")
+    p.add_argument("--fp16", action="store_true", help="feature maps as FP16")
+    p.add_argument("--json", action="store_true")
+
+
+@command("bench", "server throughput and latency as ratios of in-process onnxruntime", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_rows, run
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError("--clients must be a comma list of integers") from None
+    if not clients or min(clients) < 1:
+        raise UsageError("--clients must be positive integers")
+    if not os.path.isdir(os.path.join(args.repository, args.model)):
+        raise UsageError(f"no model {args.model!r} in {args.repository!r}")
+    rows = run(args.repository, args.model, clients, args.seconds, args.input_kind, args.feature_map, args.fp16)
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
