@@ -8,12 +8,16 @@ PYTEST_ARGS ?=
 
 .PHONY: setup serve test protos clean
 
-# The venv is rebuilt when pyproject.toml changes. On a machine without a GPU, install a CPU
-# build of torch into .venv first (pip install torch --index-url https://download.pytorch.org/whl/cpu);
-# otherwise pip picks torch's CUDA build.
+# The torch the tests were run with; pyproject.toml itself asks only for torch>=2.4. Installed
+# first, and only when the venv has no torch yet. On a machine without a GPU, a CPU build saves
+# gigabytes: make TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+
+# The venv is brought up to date when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[train,dev]'
 	touch $@
 

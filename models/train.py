@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from .data import DataError, Dataset, load_dataset
+from .data import DataError, load_dataset
 from .zoo import get_model
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from .client import build_request
+from .client import build_request, wait_until_ready
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
 from .runtime import ModelRuntime
@@ -133,7 +133,7 @@ def run(repository: str, model: str, clients_list: list[int], seconds: float, ki
                                "--log-level", "WARNING", *(server_args or [])],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_ready(f"127.0.0.1:{port}", server)
+        wait_until_ready(f"127.0.0.1:{port}", server)
         for clients in clients_list:
             local = in_process(runtime, x, outputs, clients, seconds)
             remote = asyncio.run(_over_grpc(f"127.0.0.1:{port}", request, clients, seconds))
@@ -151,22 +151,6 @@ def run(repository: str, model: str, clients_list: list[int], seconds: float, ki
         server.terminate()
         server.wait(60)
     return rows
-
-
-def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}")
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError("server did not become ready")
 
 
 def format_rows(rows: list[dict]) -> str:

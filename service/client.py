@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from typing import Iterable, Optional
 
 import grpc
@@ -68,3 +70,20 @@ class Client:
     @staticmethod
     def parameters(response: pb.ModelInferResponse) -> dict:
         return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in response.parameters.items()}
+
+
+def wait_until_ready(url: str, process: Optional[subprocess.Popen] = None, timeout: float = 120.0) -> None:
+    """Poll ServerReady until it answers true; raises RuntimeError if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {url} not ready within {timeout:.0f} s")

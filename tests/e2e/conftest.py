@@ -6,9 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-import grpc
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,21 +34,11 @@ class RunningServer:
         self.wait_ready()
 
     def wait_ready(self, timeout=60):
-        from service.proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.output()}")
+        from service.client import wait_until_ready
+        try:
+            wait_until_ready(self.url, self.process, timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()

@@ -1,6 +1,5 @@
 """Model versions coming and going without a restart, and a graceful SIGTERM under load."""
 
-import json
 import os
 import shutil
 import signal

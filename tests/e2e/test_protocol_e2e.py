@@ -18,7 +18,6 @@ from PIL import Image
 from models.data import digits_as_uint8, seeded_split
 from service.client import Client, build_request
 from service.proto import grpc_service_pb2 as pb
-from service.proto import grpc_service_pb2_grpc as pb_grpc
 from service.proto import introspection_pb2 as ipb
 from service.proto import introspection_pb2_grpc as ipb_grpc
 
