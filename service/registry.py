@@ -22,7 +22,7 @@ from models.repository import NAME_PATTERN
 from .batcher import Batcher, BatchStats
 from .errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from .metrics import METRICS
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, preprocess_encoded
 from .runtime import ModelRuntime
 from .settings import Settings
 
@@ -136,6 +136,8 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
         if missing:
             raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")
         runtime.warm_up(model.input_shape)
+        # decode one image too: checks the preprocessing spec and loads PIL's codecs before a client waits
+        preprocess_encoded([_blank_png(model.spec)], model.spec)
         return model
     except LoadFailed:
         raise
@@ -331,6 +333,16 @@ class Registry:
         await asyncio.gather(*(m.retire() for m in retiring))
         if name in self.served and not self.served[name]:
             del self.served[name]
+
+
+def _blank_png(spec: PreprocessSpec) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(spec.mode, (spec.width, spec.height)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _mtime(path: str) -> float:

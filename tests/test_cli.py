@@ -47,3 +47,46 @@ def test_bad_input_is_one_line_and_exit_2(args):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("convserve: error:"), result.stderr
+
+
+def _write_png(path):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), 128).save(path)
+
+
+@pytest.fixture
+def bad_datasets(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _write_png(tmp_path / "noimages" / "a" / "0.png")
+    (tmp_path / "noimages" / "b").mkdir()
+    _write_png(tmp_path / "undecodable" / "a" / "0.png")
+    (tmp_path / "undecodable" / "a" / "1.png").write_bytes(b"\x89PNG\r\n broken")
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "data_batch_1").write_bytes(b"not a pickle")
+    (tmp_path / "afile").write_text("x")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args", [
+    ["--dataset", "imagenet"],
+    ["--arch", "resnet"],
+    ["--dataset", "imagefolder:{d}/missing"],
+    ["--dataset", "imagefolder:{d}/empty"],
+    ["--dataset", "imagefolder:{d}/noimages"],
+    ["--dataset", "imagefolder:{d}/undecodable"],
+    ["--dataset", "cifar10:{d}/cifar"],
+    ["--epochs", "0"],
+    ["--repository", "{d}/afile"],
+    ["--name", "../escape"],
+])
+def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(bad_datasets, args):
+    repository = bad_datasets / "repository"
+    args = [a.format(d=bad_datasets) for a in args]
+    if "--repository" not in args:
+        args += ["--repository", str(repository)]
+    result = convserve("train", "--no-progress", "--output", str(bad_datasets / "run"), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("convserve: error:"), result.stderr[-2000:]
+    assert not repository.exists() or not any(repository.rglob("*"))
