@@ -200,3 +200,62 @@ def _bench(args: argparse.Namespace) -> int:
     rows = run(args.repository, args.model, clients, args.seconds, args.input_kind, args.feature_map, args.fp16)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
+
+
+# ---- models and describe (read a running server) -------------------------------------------------
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="127.0.0.1:8001")
+
+
+@command("models", "list a running server's model versions with their state", _models_args)
+def _models(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client
+    from .proto import grpc_service_pb2 as pb
+
+    with Client(args.url) as client:
+        try:
+            index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
+    for model in index.models:
+        print(f"{model.name:<24} {model.version:>7}  {model.state:<12} {model.reason}")
+    return 0
+
+
+def _describe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--version", default="")
+    p.add_argument("--url", default="127.0.0.1:8001")
+
+
+@command("describe", "a served model's arithmetic table and training provenance", _describe_args)
+def _describe(args: argparse.Namespace) -> int:
+    import json
+
+    import grpc
+
+    from models.arithmetic import LayerRow, Table, format_table
+
+    from .proto import introspection_pb2 as ipb
+    from .proto import introspection_pb2_grpc as ipb_grpc
+
+    with grpc.insecure_channel(args.url) as channel:
+        try:
+            answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
+                ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10)
+        except grpc.RpcError as exc:
+            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
+    rows = [LayerRow(layer.name, layer.kind, layer.op, tuple(layer.input_shape), tuple(layer.output_shape),
+                     layer.params, 0, layer.macs, layer.activations, tuple(layer.receptive_field) or None,
+                     tuple(layer.jump) or None, layer.detail) for layer in answer.layers]
+    shape = rows[0].input_shape if rows else ()
+    print(format_table(Table(shape, rows), title=f"{answer.name} version {answer.version} "
+                                                  f"on {answer.execution_provider}"))
+    training = json.loads(answer.training_json or "{}")
+    print("training: " + ", ".join(f"{k}={training[k]}" for k in
+                                   ("dataset", "arch", "epochs", "test_accuracy", "seed", "date") if k in training))
+    print(f"feature maps: {', '.join(answer.feature_maps)}")
+    return 0

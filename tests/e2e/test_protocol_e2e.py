@@ -254,3 +254,20 @@ def test_statistics_and_prometheus_metrics(server):
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits"' in text
     assert 'code="INVALID_ARGUMENT",method="ModelInfer",model="digits"' in text
     assert "convserve_request_duration_seconds_bucket" in text
+
+
+def test_models_and_describe_commands(server):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root}
+    models = subprocess.run([sys.executable, "-m", "service", "models", "--url", server.url],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert models.returncode == 0 and "digits" in models.stdout and "READY" in models.stdout
+    described = subprocess.run([sys.executable, "-m", "service", "describe", "digits", "--url", server.url],
+                               capture_output=True, text=True, env=env, timeout=60)
+    assert described.returncode == 0, described.stderr
+    assert "conv5" in described.stdout and "fc layers" in described.stdout and "dataset=digits" in described.stdout
+    missing = subprocess.run([sys.executable, "-m", "service", "describe", "nope", "--url", server.url],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("convserve: error: NOT_FOUND")
