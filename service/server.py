@@ -74,40 +74,57 @@ def _deadline(context) -> Optional[float]:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC by model, version, method and status code."""
+    """Counts and times every RPC by model, version, method and status code.
+
+    The wrapped handler is built once per method and reused: intercept_service runs on every call.
+    """
+
+    def __init__(self, is_known_model) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        # Model labels come from requests; only served names become label values, so a client
+        # sending random names cannot blow up the metrics' cardinality.
+        self._is_known_model = is_known_model
 
     async def intercept_service(self, continuation, handler_call_details):
+        method_path = handler_call_details.method
+        cached = self._wrapped.get(method_path)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        if handler is None or handler.unary_unary is None:
+            return handler   # unknown methods (UNIMPLEMENTED) and streams pass through
+        wrapped = self._wrap(handler, method_path.rsplit("/", 1)[-1])
+        self._wrapped[method_path] = wrapped
+        return wrapped
 
-            async def timed_unary(request, context):
-                state = {"model": getattr(request, "model_name", "") or getattr(request, "name", ""),
-                         "version": "", "code": grpc.StatusCode.OK}
-                _RPC_STATE.set(state)
-                started = time.perf_counter()
-                METRICS.in_flight.inc()
-                try:
-                    return await inner(request, context)
-                except BaseException:
-                    if state["code"] == grpc.StatusCode.OK:
-                        state["code"] = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    METRICS.in_flight.dec()
-                    self._record(state, method, time.perf_counter() - started)
+    def _wrap(self, handler, method: str):
+        inner = handler.unary_unary
+        record = self._record
 
-            return grpc.unary_unary_rpc_method_handler(
-                timed_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+        async def timed_unary(request, context):
+            state = {"model": getattr(request, "model_name", "") or getattr(request, "name", ""),
+                     "version": "", "code": grpc.StatusCode.OK}
+            _RPC_STATE.set(state)
+            started = time.perf_counter()
+            METRICS.in_flight.inc()
+            try:
+                return await inner(request, context)
+            except BaseException:
+                if state["code"] == grpc.StatusCode.OK:
+                    state["code"] = grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                METRICS.in_flight.dec()
+                record(state, method, time.perf_counter() - started)
 
-    @staticmethod
-    def _record(state: dict, method: str, seconds: float) -> None:
-        model = state["model"] if len(state["model"]) <= 128 else "invalid"
+        return grpc.unary_unary_rpc_method_handler(
+            timed_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _record(self, state: dict, method: str, seconds: float) -> None:
+        model = state["model"]
+        if model and not self._is_known_model(model):
+            model, state["version"] = "unknown", ""
         METRICS.requests.labels(model, state["version"], method, state["code"].name).inc()
         METRICS.request_duration.labels(model, method).observe(seconds)
 
@@ -343,7 +360,8 @@ class Server:
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self.grpc_server = grpc.aio.server(interceptors=[MetricsInterceptor()], options=options)
+        interceptor = MetricsInterceptor(lambda name: name in self.registry.served)
+        self.grpc_server = grpc.aio.server(interceptors=[interceptor], options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.registry, self.dataplane, s, self.state), self.grpc_server)
         ipb_grpc.add_IntrospectionServicer_to_server(IntrospectionServicer(self.registry), self.grpc_server)

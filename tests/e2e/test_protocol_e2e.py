@@ -250,10 +250,14 @@ def test_statistics_and_prometheus_metrics(server):
         assert stats.inference_stats.success.count > 0 and stats.inference_stats.compute_infer.ns > 0
         with pytest.raises(grpc.RpcError):
             client.infer("digits", array=np.zeros((1, 2, 32, 32), np.float32))
+        with pytest.raises(grpc.RpcError):
+            client.infer("no_such_model", array=np.zeros((1, 1, 32, 32), np.float32))
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits"' in text
     assert 'code="INVALID_ARGUMENT",method="ModelInfer",model="digits"' in text
     assert "convserve_request_duration_seconds_bucket" in text
+    # names of models that do not exist never become label values
+    assert 'model="no_such_model"' not in text and 'model="unknown"' in text
 
 
 def test_models_and_describe_commands(server):
