@@ -11,6 +11,7 @@ import contextvars
 import functools
 import json
 import logging
+import os
 import signal
 import time
 from typing import Optional
@@ -383,8 +384,10 @@ class Server:
         if s.metrics_port:
             self._metrics_server = METRICS.serve(s.metrics_port, s.host)
         await self.grpc_server.start()
-        log.info("listening on %s:%d (gRPC), metrics on %s", s.host, self.port,
-                 f":{s.metrics_port}/metrics" if s.metrics_port else "off")
+        log.info("listening on %s:%d (gRPC), %s", s.host, self.port,
+                 f"metrics on :{s.metrics_port}/metrics" if s.metrics_port else "no metrics endpoint")
+        if not os.path.isdir(self.registry.repository):
+            log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
         await self.registry.scan()
         self.state["ready"] = True
         self._update_health()
