@@ -18,9 +18,14 @@ class RepositoryError(ValueError):
     pass
 
 
-def check_name(name: str) -> str:
+def is_valid_name(name: str) -> bool:
     """A model name that stays inside the repository: letters, digits, '_', '-', '.'; no '..'."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    return bool(name) and NAME_PATTERN.match(name) is not None and ".." not in name
+
+
+def check_name(name: str) -> str:
+    """`name` itself when is_valid_name, else RepositoryError."""
+    if not is_valid_name(name):
         raise RepositoryError(f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
     return name
 

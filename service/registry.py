@@ -18,7 +18,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from models.repository import NAME_PATTERN
+from models.repository import is_valid_name
 from .batcher import Batcher, BatchStats
 from .errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from .metrics import METRICS
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def check_model_name(name: str) -> str:
     """Refuse names that could reach outside the repository ('..', separators, absolute paths)."""
-    if not NAME_PATTERN.match(name or "") or ".." in name:
+    if not is_valid_name(name):
         raise InvalidInput(f"invalid model name {name!r}")
     return name
 
@@ -216,7 +216,7 @@ class Registry:
         if not os.path.isdir(self.repository):
             return []
         return sorted(n for n in os.listdir(self.repository)
-                      if NAME_PATTERN.match(n) and ".." not in n and os.path.isdir(os.path.join(self.repository, n)))
+                      if is_valid_name(n) and os.path.isdir(os.path.join(self.repository, n)))
 
     def _versions_on_disk(self, name: str) -> list[int]:
         folder = os.path.join(self.repository, name)
