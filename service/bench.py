@@ -38,6 +38,7 @@ class Measurement:
     images: int
     seconds: float
     latencies_ms: list[float]
+    mean_batch: float = 1.0      # server only: mean size of the batches its requests ran in
 
     @property
     def throughput(self) -> float:
@@ -98,9 +99,7 @@ async def _over_grpc(url: str, request: pb.ModelInferRequest, clients: int, seco
         await asyncio.gather(*(loop() for _ in range(clients)))
         elapsed = time.perf_counter() - started
     images = len(latencies) * request.inputs[0].shape[0]
-    result = Measurement(images, elapsed, latencies)
-    result.mean_batch = statistics.fmean(batch_sizes) if batch_sizes else 0.0  # type: ignore[attr-defined]
-    return result
+    return Measurement(images, elapsed, latencies, statistics.fmean(batch_sizes) if batch_sizes else 0.0)
 
 
 def run(repository: str, model: str, clients_list: list[int], seconds: float, kind: str = "input",
@@ -144,7 +143,7 @@ def run(repository: str, model: str, clients_list: list[int], seconds: float, ki
                 "in_process_p50_ms": local.percentile(0.5), "server_p50_ms": remote.percentile(0.5),
                 "in_process_p99_ms": local.percentile(0.99), "server_p99_ms": remote.percentile(0.99),
                 "added_p50_ms": remote.percentile(0.5) - local.percentile(0.5),
-                "server_mean_batch": remote.mean_batch,   # type: ignore[attr-defined]
+                "server_mean_batch": remote.mean_batch,
                 "provider": runtime.execution_provider,
             })
     finally:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .dataplane import DataPlane
-from .errors import InvalidInput, ModelNotFound, ServingError, ShuttingDown, status_of
+from .errors import InvalidInput, ServingError, ShuttingDown, status_of
 from .metrics import METRICS
 from .proto import POOL
 from .proto import grpc_service_pb2 as pb
@@ -151,13 +151,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             self.registry.resolve(request.name, request.version)
-            return pb.ModelReadyResponse(ready=not self.state["stopping"])
-        except ModelNotFound:
+        except InvalidInput:
+            raise                      # a malformed name or version is an error, not "not ready"
+        except ServingError:
             return pb.ModelReadyResponse(ready=False)
-        except ServingError as exc:
-            if isinstance(exc, InvalidInput):
-                raise
-            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self.state["stopping"])
 
     @_rpc
     async def ServerMetadata(self, request, context):

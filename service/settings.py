@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, fields
 from typing import Optional
 
 _CORES = os.cpu_count() or 1
@@ -85,11 +85,15 @@ _HELP = {
 }
 
 
+def _kind(f: Field) -> type:
+    # annotations are strings here (from __future__ import annotations)
+    return {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (--grpc-port ...), all defaulting to None so the environment can fill in."""
     for f in fields(Settings):
-        kind = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=_HELP.get(f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_kind(f), default=None, help=_HELP.get(f.name))
 
 
 def from_sources(args: argparse.Namespace | None = None, environ: dict | None = None) -> Settings:
@@ -97,7 +101,7 @@ def from_sources(args: argparse.Namespace | None = None, environ: dict | None = 
     environ = os.environ if environ is None else environ
     values = {}
     for f in fields(Settings):
-        kind = {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
+        kind = _kind(f)
         flag = getattr(args, f.name, None) if args is not None else None
         env = environ.get("CONVSERVE_" + f.name.upper())
         if flag is not None:
@@ -114,4 +118,3 @@ def default_intra_op_threads(instances: int) -> int:
     return max(1, _CORES // max(1, instances))
 
 
-__all__ = ["Settings", "add_arguments", "from_sources", "default_intra_op_threads", "field"]
