@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.export import export_checkpoint
-from service.client import Client
+from service.client import Client, build_request
 from service.proto import grpc_service_pb2 as pb
 
 from .conftest import RunningServer
@@ -134,3 +134,22 @@ def test_sigterm_under_load_answers_every_accepted_request(own_repository):
     after = [c for _, ok, c in outcomes if not ok]
     assert set(after) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, after
     assert "stopped" in server.output()
+
+
+def test_a_full_queue_answers_resource_exhausted_and_serving_goes_on(own_repository):
+    server = RunningServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
+    try:
+        with Client(server.url) as client:
+            request = build_request("digits", array=np.zeros((1, 1, 32, 32), np.float32))
+            futures = [client.stub.ModelInfer.future(request, timeout=30) for _ in range(64)]
+            codes = []
+            for future in futures:
+                try:
+                    future.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+            assert client.infer("digits", array=X).model_name == "digits"
+    finally:
+        assert server.stop() == 0
