@@ -39,10 +39,34 @@ def build_request(model: str, *, array: Optional[np.ndarray] = None, images: Opt
     return request
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call on a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        # grpc hands interceptors a namedtuple of the call's details
+        return details._replace(metadata=list(details.metadata or []) + [self._header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def open_channel(url: str, token: str = "", max_message_bytes: int = 256 * 1024 * 1024) -> grpc.Channel:
+    """An insecure channel to `url`, sending the bearer token when one is given."""
+    channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", max_message_bytes),
+                                                  ("grpc.max_send_message_length", max_message_bytes)])
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
 class Client:
-    def __init__(self, url: str = "127.0.0.1:8001", *, max_message_bytes: int = 256 * 1024 * 1024) -> None:
-        self.channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", max_message_bytes),
-                                                           ("grpc.max_send_message_length", max_message_bytes)])
+    def __init__(self, url: str = "127.0.0.1:8001", *, token: str = "",
+                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
+        self.channel = open_channel(url, token, max_message_bytes)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def close(self) -> None:

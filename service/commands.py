@@ -138,6 +138,7 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001")
     p.add_argument("--top", type=int, default=3, help="classes to show per image")
     p.add_argument("--feature-map", action="append", default=[], help="also fetch this feature map (repeatable)")
+    _token_arg(p)
 
 
 @command("infer", "classify image files with a running server", _infer_args)
@@ -154,7 +155,7 @@ def _infer(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     outputs = ["probabilities", *args.feature_map]
-    with Client(args.url) as client:
+    with Client(args.url, token=args.token) as client:
         try:
             response = client.infer(args.model, images=images, outputs=outputs, classification=args.top, timeout=30)
         except grpc.RpcError as exc:
@@ -204,8 +205,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 # ---- models and describe (read a running server) -------------------------------------------------
 
+def _token_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=os.environ.get("CONVSERVE_AUTH_TOKEN", ""),
+                   help="bearer token, for a server run with an auth token (default: $CONVSERVE_AUTH_TOKEN)")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001")
+    _token_arg(p)
 
 
 @command("models", "list a running server's model versions with their state", _models_args)
@@ -215,7 +222,7 @@ def _models(args: argparse.Namespace) -> int:
     from .client import Client
     from .proto import grpc_service_pb2 as pb
 
-    with Client(args.url) as client:
+    with Client(args.url, token=args.token) as client:
         try:
             index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
         except grpc.RpcError as exc:
@@ -229,6 +236,7 @@ def _describe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--version", default="")
     p.add_argument("--url", default="127.0.0.1:8001")
+    _token_arg(p)
 
 
 @command("describe", "a served model's arithmetic table and training provenance", _describe_args)
@@ -242,7 +250,9 @@ def _describe(args: argparse.Namespace) -> int:
     from .proto import introspection_pb2 as ipb
     from .proto import introspection_pb2_grpc as ipb_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    from .client import open_channel
+
+    with open_channel(args.url, args.token) as channel:
         try:
             answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
                 ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10)

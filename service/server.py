@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hmac
 import json
 import logging
 import os
 import signal
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -74,17 +75,33 @@ def _deadline(context) -> Optional[float]:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC by model, version, method and status code.
+class RequestRecorder:
+    """Counts and times requests; shared by the interceptors and the stream handler.
 
-    The wrapped handler is built once per method and reused: intercept_service runs on every call.
+    Model labels come from requests: only served names become label values, so a client sending
+    random names cannot blow up the metrics' cardinality.
     """
 
-    def __init__(self, is_known_model) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        # Model labels come from requests; only served names become label values, so a client
-        # sending random names cannot blow up the metrics' cardinality.
+    def __init__(self, is_known_model: Callable[[str], bool]) -> None:
         self._is_known_model = is_known_model
+
+    def record(self, model: str, version: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        if model and not self._is_known_model(model):
+            model, version = "unknown", ""
+        METRICS.requests.labels(model, version, method, code.name).inc()
+        METRICS.request_duration.labels(model, method).observe(seconds)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Times every unary RPC by model, version, method and status code.
+
+    The wrapped handler is built once per method and reused (intercept_service runs on every
+    call), so this interceptor must sit inside any that answers differently per call (auth).
+    """
+
+    def __init__(self, recorder: RequestRecorder) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._recorder = recorder
 
     async def intercept_service(self, continuation, handler_call_details):
         method_path = handler_call_details.method
@@ -100,7 +117,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler, method: str):
         inner = handler.unary_unary
-        record = self._record
+        record = self._recorder.record
 
         async def timed_unary(request, context):
             state = {"model": getattr(request, "model_name", "") or getattr(request, "name", ""),
@@ -116,26 +133,60 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 METRICS.in_flight.dec()
-                record(state, method, time.perf_counter() - started)
+                record(state["model"], state["version"], method, state["code"], time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             timed_unary, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _record(self, state: dict, method: str, seconds: float) -> None:
-        model = state["model"]
-        if model and not self._is_known_model(model):
-            model, state["version"] = "unknown", ""
-        METRICS.requests.labels(model, state["version"], method, state["code"].name).inc()
-        METRICS.request_duration.labels(model, method).observe(seconds)
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """With a token set, every RPC but health checks needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, recorder: RequestRecorder) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._recorder = recorder
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method_path = handler_call_details.method
+        if method_path.startswith("/grpc.health.v1.Health/"):
+            return await continuation(handler_call_details)   # probes carry no credentials
+        presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(presented.encode() if isinstance(presented, str) else presented, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = method_path.rsplit("/", 1)[-1]
+        recorder = self._recorder
+
+        async def deny(request_or_iterator, context):
+            recorder.record("", "", method, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong authorization token")
+
+        async def deny_stream(request_or_iterator, context):
+            await deny(request_or_iterator, context)
+            yield  # pragma: no cover - abort raises first
+
+        kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+                 "stream_unary": grpc.stream_unary_rpc_method_handler,
+                 "stream_stream": grpc.stream_stream_rpc_method_handler}
+        for kind, make in kinds.items():
+            if getattr(handler, kind) is not None:
+                return make(deny_stream if kind.endswith("_stream") else deny,
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: Registry, dataplane: DataPlane, settings: Settings, server_state: dict) -> None:
+    def __init__(self, registry: Registry, dataplane: DataPlane, settings: Settings, server_state: dict,
+                 recorder: RequestRecorder) -> None:
         self.registry = registry
         self.dataplane = dataplane
         self.settings = settings
         self.state = server_state
+        self.recorder = recorder
 
     # ---- health and metadata -----------------------------------------------------------------
 
@@ -273,14 +324,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: set[asyncio.Task] = set()
 
         async def answer(request):
+            started = time.perf_counter()
             try:
                 response = await self._infer(request, _deadline(context))
-                await results.put(pb.ModelStreamInferResponse(infer_response=response))
+                item, code = pb.ModelStreamInferResponse(infer_response=response), grpc.StatusCode.OK
             except Exception as exc:
                 code, message = status_of(exc)
-                await results.put(pb.ModelStreamInferResponse(
+                item = pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+            version = item.infer_response.model_version
+            self.recorder.record(request.model_name, version, "ModelStreamInfer", code, time.perf_counter() - started)
+            await results.put(item)
 
         async def read():
             async for request in request_iterator:
@@ -359,10 +414,13 @@ class Server:
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        interceptor = MetricsInterceptor(lambda name: name in self.registry.served)
-        self.grpc_server = grpc.aio.server(interceptors=[interceptor], options=options)
+        recorder = RequestRecorder(lambda name: name in self.registry.served)
+        # auth outermost: the metrics interceptor caches one handler per method
+        interceptors = [AuthInterceptor(s.auth_token, recorder)] if s.auth_token else []
+        interceptors.append(MetricsInterceptor(recorder))
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.dataplane, s, self.state), self.grpc_server)
+            InferenceServicer(self.registry, self.dataplane, s, self.state, recorder), self.grpc_server)
         ipb_grpc.add_IntrospectionServicer_to_server(IntrospectionServicer(self.registry), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.

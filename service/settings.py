@@ -21,6 +21,7 @@ class Settings:
     grpc_port: int = 8001                   # Triton's numbers, so dashboards and habits carry over
     metrics_port: int = 8002                # 0: no metrics endpoint
     max_message_bytes: int = 256 * 1024 * 1024
+    auth_token: str = ""                    # when set, RPCs (but health) need "authorization: Bearer <token>"
     # batching
     max_batch_size: int = 32                # images per session run
     max_queue_delay_ms: float = 2.0         # only ever waited while another batch runs (see batcher)
@@ -70,6 +71,7 @@ _HELP = {
     "grpc_port": "gRPC port (0: any free port)",
     "metrics_port": "Prometheus /metrics port (0: off)",
     "max_message_bytes": "largest gRPC message accepted or sent",
+    "auth_token": "require 'authorization: Bearer TOKEN' on every RPC but health (prefer CONVSERVE_AUTH_TOKEN)",
     "max_batch_size": "most images per session run",
     "max_queue_delay_ms": "longest a request waits for a fuller batch, only while another batch runs",
     "max_queue_size": "requests that may wait per model version before RESOURCE_EXHAUSTED",

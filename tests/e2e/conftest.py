@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, repository, *extra, env=None):
+    def __init__(self, repository, *extra, env=None, wait=True):
         self.repository = str(repository)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -31,7 +31,8 @@ class RunningServer:
              "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), *extra],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, stdout=self.log,
             stderr=subprocess.STDOUT)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout=60):
         from service.client import wait_until_ready
@@ -41,7 +42,8 @@ class RunningServer:
             raise RuntimeError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path) as handle:
             return handle.read()[-4000:]
 

@@ -153,3 +153,48 @@ def test_a_full_queue_answers_resource_exhausted_and_serving_goes_on(own_reposit
             assert client.infer("digits", array=X).model_name == "digits"
     finally:
         assert server.stop() == 0
+
+
+def test_auth_token_guards_every_rpc_but_health(own_repository):
+    import tritonclient.grpc as triton
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = RunningServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
+    try:
+        with grpc.insecure_channel(server.url) as channel:   # health needs no token: probes use it
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving():
+                try:
+                    return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    return False
+
+            assert _wait_for(serving, timeout=60), server.output()
+        for token in ("", "wrong"):
+            with Client(server.url, token=token) as client:
+                with pytest.raises(grpc.RpcError) as info:
+                    client.infer("digits", array=X)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(server.url, token="s3cret") as client:
+            assert client.infer("digits", array=X).model_name == "digits"
+        # a client nobody here wrote, with the header it already knows how to send
+        triton_client = triton.InferenceServerClient(server.url)
+        assert triton_client.is_server_live(headers={"authorization": "Bearer s3cret"})
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            triton_client.is_server_live()
+        # streams are guarded too
+        results = []
+        triton_client.start_stream(callback=lambda result, error: results.append(error))
+        inp = triton.InferInput("input", [1, 1, 32, 32], "FP32")
+        inp.set_data_from_numpy(X)
+        try:
+            triton_client.async_stream_infer("digits", [inp])
+        except triton.InferenceServerException:
+            pass   # the stream may already be closed by the refusal; the callback holds the reason
+        assert _wait_for(lambda: results, timeout=10)
+        triton_client.stop_stream()
+        assert results[0] is not None and "UNAUTHENTICATED" in str(results[0])
+    finally:
+        assert server.stop() == 0, server.output()

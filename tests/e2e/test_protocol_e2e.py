@@ -252,12 +252,16 @@ def test_statistics_and_prometheus_metrics(server):
             client.infer("digits", array=np.zeros((1, 2, 32, 32), np.float32))
         with pytest.raises(grpc.RpcError):
             client.infer("no_such_model", array=np.zeros((1, 1, 32, 32), np.float32))
+        streamed = list(client.stub.ModelStreamInfer(iter([build_request("digits", array=np.zeros((1, 1, 32, 32),
+                                                                                          np.float32))])))
+        assert len(streamed) == 1 and not streamed[0].error_message
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits"' in text
     assert 'code="INVALID_ARGUMENT",method="ModelInfer",model="digits"' in text
     assert "convserve_request_duration_seconds_bucket" in text
     # names of models that do not exist never become label values
     assert 'model="no_such_model"' not in text and 'model="unknown"' in text
+    assert 'code="OK",method="ModelStreamInfer",model="digits"' in text
 
 
 def test_models_and_describe_commands(server):
