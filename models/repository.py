@@ -34,7 +34,8 @@ def versions(model_dir: str) -> list[int]:
     """The integer versions present under REPO/NAME, ascending."""
     if not os.path.isdir(model_dir):
         return []
-    return sorted(int(entry) for entry in os.listdir(model_dir) if entry.isdigit() and not entry.startswith("0"))
+    return sorted(int(entry) for entry in os.listdir(model_dir)
+                  if entry.isdigit() and not entry.startswith("0") and os.path.isdir(os.path.join(model_dir, entry)))
 
 
 def _fsync_dir(path: str) -> None:

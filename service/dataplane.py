@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .batcher import Job
-from .errors import InvalidInput
+from .errors import InvalidInput, ServingError
 from .metrics import METRICS
 from .postprocess import serialize_bytes, to_wire, top_k
 from .preprocess import ImageDecodeError, preprocess_encoded
@@ -33,6 +33,16 @@ class DataPlane:
         """Run one request; `deadline` is time.monotonic() seconds (from the gRPC deadline)."""
         received = time.perf_counter_ns()
         model = self.registry.resolve(request.model_name, request.model_version)
+        try:
+            return model, await self._run(model, request, deadline, received)
+        except (ServingError, asyncio.CancelledError):
+            # counted here, where the model is known: ModelStatistics' "fail"
+            model.stats.fail_count += 1
+            model.stats.fail_ns += time.perf_counter_ns() - received
+            raise
+
+    async def _run(self, model: ModelVersion, request: InferRequest, deadline: float | None,
+                   received: int) -> InferResult:
         requested = self._outputs(model, request.outputs)
         inputs = await self._inputs(model, request)
         preprocessed = time.perf_counter_ns()
@@ -74,9 +84,9 @@ class DataPlane:
             "postprocess_us": (done - computed) // 1000,
             "server_us": (done - received) // 1000,
             "batch_size": batch.batch_size,
-            "execution_provider": model.runtime.execution_provider if model.runtime else "",
+            "execution_provider": model.execution_provider,
         }
-        return model, InferResult(tensors, parameters)
+        return InferResult(tensors, parameters)
 
     @staticmethod
     def _outputs(model: ModelVersion, requested: list[RequestedOutput]) -> list[RequestedOutput]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from models.repository import is_valid_name
+from models.repository import versions as versions_on_disk
 from .batcher import Batcher, BatchStats
 from .errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from .metrics import METRICS
@@ -81,6 +82,10 @@ class ModelVersion:
         self.path = path
         self.meta = meta
         self.runtime = runtime
+        # what the session really got; kept after retire() drops the session, for requests still answering
+        self.execution_provider = runtime.execution_provider
+        self.providers = list(runtime.providers)
+        self.instances = runtime.instances
         self.labels: list[str] = meta["labels"]
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         self.input_shape = (self.spec.channels, self.spec.height, self.spec.width)
@@ -104,7 +109,7 @@ class ModelVersion:
         self.batcher = Batcher(self.runtime.run, executor, output_order=self.runtime.output_names,
                                max_batch_size=settings.max_batch_size,
                                max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                               max_queue_size=settings.max_queue_size, instances=self.runtime.instances,
+                               max_queue_size=settings.max_queue_size, instances=self.instances,
                                on_batch=on_batch)
 
     async def retire(self) -> None:
@@ -219,11 +224,7 @@ class Registry:
                       if is_valid_name(n) and os.path.isdir(os.path.join(self.repository, n)))
 
     def _versions_on_disk(self, name: str) -> list[int]:
-        folder = os.path.join(self.repository, name)
-        if not os.path.isdir(folder):
-            return []
-        return sorted(int(v) for v in os.listdir(folder)
-                      if v.isdigit() and not v.startswith("0") and os.path.isdir(os.path.join(folder, v)))
+        return versions_on_disk(os.path.join(self.repository, name))
 
     def _wanted_versions(self, name: str) -> list[int]:
         """Versions the policy asks for, newest first (for `latest`: candidates in order of preference)."""
@@ -321,7 +322,7 @@ class Registry:
         self.failed.pop(key, None)
         model.start(self.run_executor, self.settings)
         METRICS.model_ready.labels(name, str(version)).set(1)
-        log.info("model %s version %s ready on %s", name, version, model.runtime.execution_provider)
+        log.info("model %s version %s ready on %s", name, version, model.execution_provider)
         return model
 
     async def _retire(self, name: str, versions: list[int]) -> None:

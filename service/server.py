@@ -227,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelConfig(self, request, context):
         model = self.registry.resolve(request.name, request.version)
-        gpu = model.runtime.execution_provider != "CPUExecutionProvider"
+        gpu = model.execution_provider != "CPUExecutionProvider"
         config = mc.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime",
                                 max_batch_size=self.settings.max_batch_size, default_model_filename="model.onnx")
         config.input.add(name="input", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
@@ -236,11 +236,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for output in model.meta["outputs"]:
             config.output.add(name=output["name"], data_type=mc.TYPE_FP32, dims=output["shape"][1:])
         config.dynamic_batching.max_queue_delay_microseconds = int(self.settings.max_queue_delay_ms * 1000)
-        config.instance_group.add(name=model.name, count=model.runtime.instances,
+        config.instance_group.add(name=model.name, count=model.instances,
                                   kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
                                   gpus=[self.settings.cuda_device_id] if gpu else [])
-        config.parameters["execution_provider"].string_value = model.runtime.execution_provider
-        config.parameters["providers"].string_value = ",".join(model.runtime.providers)
+        config.parameters["execution_provider"].string_value = model.execution_provider
+        config.parameters["providers"].string_value = ",".join(model.providers)
         config.parameters["max_queue_size"].string_value = str(self.settings.max_queue_size)
         return pb.ModelConfigResponse(config=config)
 
@@ -299,20 +299,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.state["stopping"]:
             raise ShuttingDown("the server is shutting down")
         parsed = parse_infer_request(request)
-        try:
-            model, result = await self.dataplane.infer(parsed, deadline)
-        except ServingError:
-            self._count_failure(parsed.model_name, parsed.model_version)
-            raise
+        model, result = await self.dataplane.infer(parsed, deadline)
         _note(model.name, str(model.version))
         return build_infer_response(parsed, model.name, str(model.version), result)
-
-    def _count_failure(self, name: str, version: str) -> None:
-        try:
-            model = self.registry.resolve(name, version)
-        except ServingError:
-            return
-        model.stats.fail_count += 1
 
     @_rpc
     async def ModelInfer(self, request, context):
@@ -369,7 +358,7 @@ class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
             total_macs=arithmetic["total_macs"], feature_maps=[f["name"] for f in meta.get("feature_maps", [])],
             labels=model.labels, training_json=json.dumps(meta.get("training", {})),
             preprocess_json=json.dumps(meta["preprocess"]),
-            execution_provider=model.runtime.execution_provider, sha256=meta["onnx"]["sha256"])
+            execution_provider=model.execution_provider, sha256=meta["onnx"]["sha256"])
         for layer in arithmetic["layers"]:
             response.layers.add(
                 name=layer["name"], kind=layer["kind"], op=layer["op"], input_shape=layer["input_shape"],
@@ -448,7 +437,7 @@ class Server:
         self.state["ready"] = True
         self._update_health()
         for model in self.registry.ready_models():
-            log.info("serving %s version %d (%s)", model.name, model.version, model.runtime.execution_provider)
+            log.info("serving %s version %d (%s)", model.name, model.version, model.execution_provider)
         if s.poll_interval:
             self._poller = asyncio.create_task(self._poll())
         return self.port
