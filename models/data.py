@@ -1,7 +1,7 @@
 """Datasets for training: the built-in digits, image folders, CIFAR-10 and (Fashion-)MNIST files.
 
 Every source becomes uint8 images (N, H, W, C) at the model's input size, resized with
-`service.preprocess` (the very code the server runs on a client's PNG), and integer labels.
+`convserve.contract` (the very code the server runs on a client's PNG), and integer labels.
 Normalisation statistics come from the training split and travel in model.json.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.preprocess import PreprocessSpec, normalize, resize_image
+from convserve.contract import PreprocessSpec, normalize, resize_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -20,7 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from convserve.contract import CARD_FILE, INPUT_NAME, MODEL_FILE, ModelCard, PreprocessSpec, TensorSpec
+
 from .arithmetic_torch import analyze_module
+from .checkpoint import Checkpoint, CheckpointError
+from .config import TrainError
 from .repository import write_version
 from .zoo import ZooCNN, get_model
 
@@ -61,7 +64,7 @@ def to_onnx_bytes(model: ZooCNN, input_shape: tuple[int, int, int]) -> bytes:
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(
             wrapper, (example,), path, dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=["input"], output_names=output_names(model),
+            input_names=[INPUT_NAME], output_names=output_names(model),
             dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=1 << 16)}},
             verbose=False)
         with open(path, "rb") as handle:
@@ -96,7 +99,7 @@ def check_parity(model: ZooCNN, onnx_bytes: bytes, input_shape: tuple[int, int, 
         for kind, x in inputs.items():
             with torch.no_grad():
                 expected = [t.numpy() for t in wrapper(torch.from_numpy(x))]
-            got = session.run(names, {"input": x})
+            got = session.run(names, {INPUT_NAME: x})
             for name, e, g in zip(names, expected, got):
                 if e.shape != g.shape:
                     raise ExportError(f"output {name} has shape {g.shape} in ONNX, {e.shape} in PyTorch")
@@ -114,71 +117,56 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def export_model(model: ZooCNN, *, repository: str, name: str, labels: list[str], preprocess: dict,
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def export_model(model: ZooCNN, *, repository: str, name: str, labels: list[str], preprocess: PreprocessSpec,
                  training: dict, real_inputs: np.ndarray | None = None) -> str:
     """Export, check and write `model` as the next version of `name`; returns the version folder."""
-    input_shape = (preprocess["channels"], preprocess["height"], preprocess["width"])
+    input_shape = preprocess.input_shape
     model = model.eval()
     onnx_bytes = to_onnx_bytes(model, input_shape)
     worst = check_parity(model, onnx_bytes, input_shape, real_inputs)
     with torch.no_grad():
         _, maps = model.forward_with_feature_maps(torch.zeros(1, *input_shape))
-    num_classes = len(labels)
     feature_maps = [{"name": tap, "layer": f"features.{child}", "shape": [-1, *maps[tap].shape[1:]]}
                     for tap, child in model.feature_taps.items()]
-    sha256 = hashlib.sha256(onnx_bytes).hexdigest()
+    outputs = [TensorSpec("logits", "FP32", (-1, len(labels))), TensorSpec("probabilities", "FP32", (-1, len(labels))),
+               *[TensorSpec(f["name"], "FP32", tuple(f["shape"])) for f in feature_maps]]
+    card = ModelCard(
+        name=name, version=0, labels=labels, preprocess=preprocess, outputs=outputs, feature_maps=feature_maps,
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(), onnx_bytes=len(onnx_bytes),
+        arithmetic=analyze_module(model, input_shape).to_dict(), training=training,
+        export={"opset": OPSET, "parity_max_abs_diff": worst, "parity_batches": list(PARITY_BATCHES),
+                "date": _now(), "versions": _versions()})
 
-    def model_json(version: int) -> bytes:
-        doc = {
-            "name": name,
-            "version": version,
-            "platform": "onnxruntime_onnx",
-            "labels": labels,
-            "preprocess": preprocess,
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *input_shape]}],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
-                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]},
-                        *[{"name": f["name"], "datatype": "FP32", "shape": f["shape"]} for f in feature_maps]],
-            "feature_maps": feature_maps,
-            "arithmetic": analyze_module(model, input_shape).to_dict(),
-            "training": training,
-            "export": {"opset": OPSET, "parity_max_abs_diff": worst, "parity_batches": list(PARITY_BATCHES),
-                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       "versions": _versions()},
-            "onnx": {"file": "model.onnx", "sha256": sha256, "bytes": len(onnx_bytes)},
-        }
-        return (json.dumps(doc, indent=2) + "\n").encode()
+    def card_json(version: int) -> bytes:   # the card records the version the writer claims
+        card.version = version
+        return card.to_json()
 
-    folder, _ = write_version(repository, name, {"model.onnx": onnx_bytes, "model.json": model_json})
+    folder, _ = write_version(repository, name, {MODEL_FILE: onnx_bytes, CARD_FILE: card_json})
     return folder
 
 
 def export_checkpoint(checkpoint: str, *, repository: str, name: str | None = None) -> str:
-    """Export a training checkpoint (models.train) into the repository."""
-    from .train import build_model, config_from_checkpoint
-
+    """Export a training checkpoint into the repository (as the next version of `name`)."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        config = config_from_checkpoint(state)
-    except FileNotFoundError:
-        raise ExportError(f"no checkpoint at {checkpoint}") from None
-    except Exception as exc:
-        raise ExportError(f"{checkpoint} is not a convserve checkpoint ({type(exc).__name__})") from None
-    preprocess = state["preprocess"]
-    model = build_model(config, preprocess["channels"], len(state["labels"]))
-    model.load_state_dict(state["model"])
-    last = state["history"][-1]
+        state = Checkpoint.load(checkpoint)
+        model = state.build_model()
+    except (CheckpointError, TrainError) as exc:
+        raise ExportError(str(exc)) from None
+    config, last = state.config, state.history[-1]
     training = {
         "dataset": config.dataset, "arch": config.arch, "width_mult": config.width_mult,
-        "split": state["split"], "epochs": state["epoch"], "test_accuracy": last["test_accuracy"],
+        "split": state.split, "epochs": state.epoch, "test_accuracy": last["test_accuracy"],
         "test_loss": last["test_loss"], "train_accuracy": last["train_accuracy"], "seed": config.seed,
         "optimizer": config.optimizer, "lr": config.lr, "batch_size": config.batch_size,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+        "date": _now(), "versions": _versions(),
     }
-    samples = state.get("samples")
-    return export_model(model, repository=repository, name=name or config.model_name(), labels=state["labels"],
-                        preprocess=preprocess, training=training,
-                        real_inputs=samples.numpy() if samples is not None else None)
+    return export_model(model, repository=repository, name=name or config.dataset_kind(), labels=state.labels,
+                        preprocess=state.preprocess, training=training,
+                        real_inputs=state.samples.numpy() if state.samples is not None else None)
 
 
 def export_random_init(arch: str, *, repository: str, name: str, num_classes: int = 10,
@@ -191,11 +179,8 @@ def export_random_init(arch: str, *, repository: str, name: str, num_classes: in
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     channels, height, width = input_shape or model.default_input
-    preprocess = {"height": height, "width": width, "channels": channels, "resize": "bilinear",
-                  "mean": [0.5] * channels, "std": [0.25] * channels, "scale": 1 / 255, "layout": "NCHW",
-                  "color_mode": "L" if channels == 1 else "RGB", "channel_order": "L" if channels == 1 else "RGB"}
+    preprocess = PreprocessSpec(height, width, channels, "bilinear", (0.5,) * channels, (0.25,) * channels)
     training = {"dataset": None, "arch": arch, "random_init": True, "seed": seed, "epochs": 0,
-                "test_accuracy": None, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions()}
+                "test_accuracy": None, "date": _now(), "versions": _versions()}
     return export_model(model, repository=repository, name=name, labels=[f"class_{i}" for i in range(num_classes)],
                         preprocess=preprocess, training=training)

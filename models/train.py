@@ -1,10 +1,10 @@
-"""Train an AlexNet-style CNN, then export it into the model repository.
+"""Train an AlexNet-style CNN. Training trains; `convserve train` then runs the export.
 
 One process:
     convserve train                                   # digits, alexnet_small, 15 epochs -> model_repository/digits/N
     convserve train --dataset cifar10:data/cifar --epochs 30 --augment
 Several processes (DistributedDataParallel; gloo on CPU, NCCL on GPU), one node or many:
-    torchrun --nproc-per-node 2 -m service train --epochs 15
+    torchrun --nproc-per-node 2 -m convserve train --epochs 15
 Resume an interrupted run from its last checkpoint:
     convserve train --output runs/digits --resume
 """
@@ -16,8 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,41 +24,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from convserve.contract import PreprocessSpec
+from convserve.cpus import available_cpus
+
+from .checkpoint import Checkpoint, build_model
+from .config import TrainConfig, TrainError
 from .data import DataError, load_dataset
 from .zoo import get_model
-
-
-@dataclass
-class TrainConfig:
-    # data
-    dataset: str = "digits"            # digits | imagefolder:PATH | cifar10:PATH | mnist:PATH | fashion-mnist:PATH
-    image_size: Optional[int] = None   # square input side; default: the architecture's own (32 for alexnet_small)
-    augment: Optional[bool] = None     # random crop (padding 4) + horizontal flip; default off for digits
-    test_fraction: float = 0.2         # for sources without their own test split
-    # model
-    arch: str = "alexnet_small"
-    width_mult: float = 0.5            # alexnet_small only: half width trains digits in seconds on 2 cores
-    dropout: float = 0.3
-    # optimisation
-    epochs: int = 15
-    batch_size: int = 64               # per process
-    lr: float = 2e-3
-    optimizer: str = "adamw"           # adamw | sgd (momentum 0.9, nesterov)
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0         # linear warm-up, then cosine decay to zero
-    label_smoothing: float = 0.0
-    seed: int = 0
-    # where things go
-    device: str = "auto"               # auto: cuda when available, else cpu
-    output: str = "runs/latest"        # checkpoint, metrics.jsonl, curves.png
-    resume: bool = False
-    repository: str = "model_repository"
-    name: Optional[str] = None         # model name in the repository; default: the dataset's kind
-    export: bool = True
-    progress: bool = True
-
-    def model_name(self) -> str:
-        return self.name or self.dataset.partition(":")[0].replace("-", "_")
 
 
 @dataclass
@@ -69,12 +40,11 @@ class TrainResult:
     test_loss: float
     epochs_run: int
     seconds: float
-    export_dir: Optional[str] = None
+    checkpoint: str                    # the last epoch's checkpoint.pt
+    labels: list[str]
+    preprocess: PreprocessSpec
     history: list = field(default_factory=list)
-
-
-class TrainError(ValueError):
-    """A training run that cannot start: the message says why."""
+    rank: int = 0                      # this process's rank under torchrun; rank 0 wrote the files
 
 
 # ---- distributed helpers -----------------------------------------------------------------------
@@ -136,16 +106,6 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, devic
     return correct / len(inputs), loss_sum / len(inputs)
 
 
-def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
-    kwargs = dict(num_classes=num_classes, in_channels=in_channels, dropout=config.dropout)
-    if config.arch == "alexnet_small":
-        kwargs["width_mult"] = config.width_mult
-    try:
-        return get_model(config.arch, **kwargs)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-
-
 def default_image_size(arch: str) -> int:
     try:
         return get_model(arch, num_classes=2).default_input[1]
@@ -172,30 +132,17 @@ def plot_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ---- the run -----------------------------------------------------------------------------------
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train per `config`; rank 0 writes checkpoints, metrics and, at the end, the export."""
-    if config.epochs < 1:
-        raise TrainError("--epochs must be at least 1")
-    if config.batch_size < 1 or config.lr <= 0:
-        raise TrainError("--batch-size and --lr must be positive")
-    if config.optimizer not in ("adamw", "sgd"):
-        raise TrainError(f"--optimizer must be adamw or sgd, not {config.optimizer!r}")
-    if config.export and os.path.exists(config.repository) and not os.path.isdir(config.repository):
-        raise TrainError(f"repository {config.repository!r} is a file, not a folder")
+    """Train per `config`; rank 0 writes a checkpoint every epoch, metrics.jsonl and curves.png."""
+    config.check()
     rank, world = _distributed()
     device = _pick_device(config.device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # share the cores between the processes instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(max(1, available_cpus() // world))
     started = time.monotonic()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -239,15 +186,16 @@ def train(config: TrainConfig) -> TrainResult:
     if config.resume:
         if not os.path.exists(checkpoint_path):
             raise TrainError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        previous = Checkpoint.load(checkpoint_path, map_location=device)
+        state = previous.training_state
+        model.load_state_dict(previous.model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader_generator.set_state(state["loader_generator"])
         augment_state = state["augment_generator"]
         torch.set_rng_state(state["torch_rng"])   # dropout draws from the global generator
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
+        history = previous.history
+        start_epoch = previous.epoch + 1
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)   # a fresh run starts a fresh metrics file
 
@@ -289,24 +237,19 @@ def train(config: TrainConfig) -> TrainResult:
                   flush=True)
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "loader_generator": loader_generator.get_state(),
-                          "augment_generator": augment_generator.get_state(), "torch_rng": torch.get_rng_state(),
-                          "config": asdict(config), "epoch": epoch, "history": history,
-                          "labels": data.labels, "preprocess": data.spec.to_dict(),
-                          "split": {"train": len(train_x), "test": len(test_x)},
-                          # a few real inputs, so the export's parity check runs on real data
-                          "samples": test_x[:8].clone()},
-                         checkpoint_path)
+            Checkpoint(config=config, epoch=epoch, history=history, labels=data.labels, preprocess=data.spec,
+                       split={"train": len(train_x), "test": len(test_x)}, model=model.state_dict(),
+                       # a few real inputs, so the export's parity check runs on real data
+                       samples=test_x[:8].clone(),
+                       training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "loader_generator": loader_generator.get_state(),
+                                       "augment_generator": augment_generator.get_state(),
+                                       "torch_rng": torch.get_rng_state()}).save(checkpoint_path)
     result = TrainResult(config, history[-1]["test_accuracy"], history[-1]["test_loss"], len(history),
-                         time.monotonic() - started, history=history)
+                         time.monotonic() - started, checkpoint_path, data.labels, data.spec, history=history,
+                         rank=rank)
     if rank == 0:
         plot_curves(history, os.path.join(config.output, "curves.png"))
-        if config.export:
-            from .export import export_checkpoint
-            result.export_dir = export_checkpoint(checkpoint_path, repository=config.repository,
-                                                  name=config.model_name())
-            print(f"exported {result.export_dir}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -318,8 +261,3 @@ def _progress(loader, epoch: int, epochs: int, show: bool):
         return loader
     from tqdm import tqdm
     return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
-
-
-def config_from_checkpoint(state: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in state["config"].items() if k in known})

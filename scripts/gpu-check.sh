@@ -9,7 +9,7 @@ SITE=/tmp/site
 mkdir -p "$SITE" /tmp/wheel
 cat .gpu[1-9]*/part.* > "/tmp/wheel/$(cat .gpu0/ORT_WHEEL_NAME)"
 python -m pip install -q --no-deps --no-index --target "$SITE" /tmp/wheel/*.whl .gpu0/*.whl
-export PYTHONPATH="$SITE:$PWD"
+export PYTHONPATH="$SITE"   # convserve comes from its wheel in .gpu0
 python - <<'PY'
 import onnxruntime as ort
 ort.preload_dlls()
@@ -17,7 +17,7 @@ print("onnxruntime", ort.__version__, "available:", ort.get_available_providers(
 PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
-python -m service export --arch alexnet --random-init --repository /tmp/bench --name alexnet || exit 1
+python -m convserve export --arch alexnet --random-init --repository /tmp/bench --name alexnet || exit 1
 
 python - <<'PY'
 import glob, time, numpy as np, onnxruntime as ort
@@ -41,7 +41,7 @@ for batch in (1, 16, 32):
           f"io_binding {bound*1000:7.2f} ms ({batch/bound:8.1f} img/s)")
 PY
 
-B="python -m service bench --repository /tmp/bench --model alexnet --clients 1,16 --seconds 8"
+B="python -m convserve bench --repository /tmp/bench --model alexnet --clients 1,16 --seconds 8"
 FM="--feature-map conv1 --feature-map conv2 --feature-map conv3 --feature-map conv4 --feature-map conv5"
 echo "== input FP32";            $B
 echo "== image PNG";             $B --input-kind image

@@ -13,6 +13,8 @@ $PIP download -q "${fetch[@]}" -d .gpu/big onnxruntime-gpu==1.31.1
 # small wheels the device lacks: exporter, health, reflection, a protobuf new enough for service/proto
 $PIP download -q "${fetch[@]}" -d .gpu0 onnxscript onnx-ir ml_dtypes grpcio-health-checking \
     grpcio-reflection "protobuf>=7" typing_extensions
+# convserve itself, as the wheel (the device has no editable install to map convserve.models/.service)
+$PIP wheel -q --no-deps -w .gpu0 .
 wheel=$(ls .gpu/big/onnxruntime_gpu-*.whl)
 split -b 56M -d "$wheel" .gpu/part.
 i=1

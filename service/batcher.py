@@ -47,13 +47,11 @@ class BatchResult:
     batch_size: int                    # images in the batch it ran in
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchStats:
     """What one executed batch reports (for statistics and metrics)."""
-    batch_size: int
-    requests: int
-    compute_ns: int
-    queue_ns: list[int]
+    batch_size: int                    # images
+    compute_ns: int                    # the session run
 
 
 class Batcher:
@@ -77,16 +75,16 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def running(self) -> int:
-        return self._running
+    def check_size(self, images: int) -> None:
+        """Refuse a request larger than one batch (callers check before they decode anything)."""
+        if images > self.max_batch_size:
+            raise InvalidInput(f"batch of {images} exceeds max_batch_size {self.max_batch_size}")
 
     def submit(self, job: Job) -> asyncio.Future:
         """Queue a job; its future resolves to a BatchResult. Raises QueueFull / ModelNotReady at once."""
         if self._closed:
             raise ModelNotReady("this model version is being unloaded")
-        if job.size > self.max_batch_size:
-            raise InvalidInput(f"batch of {job.size} exceeds max_batch_size {self.max_batch_size}")
+        self.check_size(job.size)
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
         job.future = asyncio.get_running_loop().create_future()
@@ -180,4 +178,4 @@ class Batcher:
                 job.future.set_result(BatchResult(views, started - job.enqueued_ns, compute_ns, total))
             offset += n
         if self._on_batch is not None:
-            self._on_batch(BatchStats(total, len(batch), compute_ns, [started - j.enqueued_ns for j in batch]))
+            self._on_batch(BatchStats(total, compute_ns))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import socket
 import statistics
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
+from convserve.contract import MODEL_FILE, ModelCard, normalize, version_dir, versions
 
 from .client import build_request, wait_until_ready
 from .proto import grpc_service_pb2 as pb
@@ -104,15 +105,11 @@ async def _over_grpc(url: str, request: pb.ModelInferRequest, clients: int, seco
 
 def run(repository: str, model: str, clients_list: list[int], seconds: float, kind: str = "input",
         feature_maps: list[str] | None = None, fp16: bool = False, server_args: list[str] | None = None) -> list[dict]:
-    version_dirs = sorted((int(v) for v in os.listdir(os.path.join(repository, model)) if v.isdigit()))
-    folder = os.path.join(repository, model, str(version_dirs[-1]))
-    meta = json.load(open(os.path.join(folder, "model.json")))
-    c, h, w = (meta["preprocess"][k] for k in ("channels", "height", "width"))
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
-    mean = np.asarray(meta["preprocess"]["mean"], np.float32).reshape(-1, 1, 1)
-    std = np.asarray(meta["preprocess"]["std"], np.float32).reshape(-1, 1, 1)
-    x = ((pixels.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std)[None].astype(np.float32)
+    folder = version_dir(repository, model, versions(os.path.join(repository, model))[-1])
+    spec = ModelCard.read(folder).preprocess
+    c, h, w = spec.input_shape
+    pixels = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
+    x = normalize(pixels[None], spec)   # (1, C, H, W): the tensor the server makes of the same image
     outputs = ["logits", "probabilities", *(feature_maps or [])]
     if kind == "image":
         from PIL import Image
@@ -123,11 +120,11 @@ def run(repository: str, model: str, clients_list: list[int], seconds: float, ki
     else:
         request = build_request(model, array=x, outputs=outputs, fp16=feature_maps if fp16 else ())
 
-    runtime = ModelRuntime(os.path.join(folder, "model.onnx"), Settings())
+    runtime = ModelRuntime(os.path.join(folder, MODEL_FILE), Settings())
     rows = []
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    server = subprocess.Popen([sys.executable, "-m", "service", "serve", "--repository", repository,
+    server = subprocess.Popen([sys.executable, "-m", "convserve", "serve", "--repository", repository,
                                "--host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "0",
                                "--log-level", "WARNING", *(server_args or [])],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

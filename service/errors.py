@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 
@@ -39,8 +41,15 @@ class LoadFailed(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+# What a client reads when the server itself failed: the details (class names, addresses, paths)
+# stay in the server's log, with the traceback.
+INTERNAL_MESSAGE = "internal error: the server logged the details"
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(status code, message) for any exception; unexpected ones are INTERNAL."""
+    """(status code, message) for any exception; unexpected ones are INTERNAL with a plain message."""
     if isinstance(error, ServingError):
         return error.code, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "cancelled"
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -3,20 +3,41 @@
 Names follow Prometheus' conventions: prefix convserve_, counters end in _total, durations are
 histograms in seconds with buckets for this workload (a 32x32 CNN runs in well under a
 millisecond, AlexNet at 224x224 in tens of milliseconds on a CPU). Labels stay low in cardinality:
-model, version, method, code.
+model, version, method, code. One `Metrics` object is made by the server and handed to whoever
+writes (the request recorder, the registry); a second instance never clashes with the first.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class _QueueDepth(Collector):
+    """convserve_queue_depth, read from the batchers at scrape time: never stale while idle."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("convserve_queue_depth", "requests waiting in the batcher", labels=["model"])
+        for model, depth in sorted(self.source().items()):
+            family.add_metric([model], depth)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("convserve_queue_depth", "requests waiting in the batcher", labels=["model"])
+
+
 class Metrics:
-    """Every convserve metric, in one registry (a second instance would not clash with the first)."""
+    """Every convserve metric, in one registry of its own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -32,7 +53,8 @@ class Metrics:
         self.batch_size = Histogram("convserve_batch_size", "images per executed batch", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.images = Counter("convserve_images_total", "images inferred", ["model"], registry=r)
-        self.queue_depth = Gauge("convserve_queue_depth", "requests waiting in the batcher", ["model"], registry=r)
+        self._queue_depth = _QueueDepth()
+        r.register(self._queue_depth)
         self.in_flight = Gauge("convserve_requests_in_flight", "gRPC requests being served", registry=r)
         self.model_ready = Gauge("convserve_model_ready", "1 when the model version serves", ["model", "version"],
                                  registry=r)
@@ -41,9 +63,10 @@ class Metrics:
         self.feature_map_bytes = Counter("convserve_feature_map_bytes_total", "feature-map bytes sent",
                                          ["model"], registry=r)
 
+    def read_queue_depth_from(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Where convserve_queue_depth comes from: model name -> requests waiting, read at each scrape."""
+        self._queue_depth.source = source
+
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
-
-
-METRICS = Metrics()

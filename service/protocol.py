@@ -15,12 +15,7 @@ from .errors import InvalidInput
 from .postprocess import deserialize_bytes
 from .proto import grpc_service_pb2 as pb
 
-# Request parameters that tritonclient and KServe clients send; all accepted, `timeout` honoured.
-RESERVED_REQUEST_PARAMETERS = {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end",
-                               "binary_data_output", "headers", "triton_enable_empty_final_response"}
 _DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
-_TYPED_FIELDS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
-                 "INT32": "int_contents", "BYTES": "bytes_contents"}
 
 
 @dataclass
@@ -35,7 +30,6 @@ class InferRequest:
     model_name: str
     model_version: str
     id: str
-    input_name: str                              # "input" or "image"
     array: Optional[np.ndarray] = None           # for "input": float32 (N, C, H, W)
     images: Optional[list[bytes]] = None         # for "image": encoded PNG/JPEG, N of them
     outputs: list[RequestedOutput] = field(default_factory=list)
@@ -43,7 +37,10 @@ class InferRequest:
 
     @property
     def batch(self) -> int:
-        return len(self.images) if self.images is not None else self.array.shape[0]
+        if self.images is not None:
+            return len(self.images)
+        assert self.array is not None
+        return self.array.shape[0]
 
 
 @dataclass
@@ -56,8 +53,10 @@ class OutputTensor:
 
 @dataclass
 class InferResult:
+    model_name: str
+    model_version: str                    # the version that served it
     outputs: list[OutputTensor]
-    parameters: dict          # name -> int | str
+    parameters: dict[str, int | str]      # the request's own metrics (queue_us, compute_us, ...)
 
 
 def _param_value(param: pb.InferParameter):
@@ -73,6 +72,8 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         raise InvalidInput(f"expected one input, 'input' (FP32) or 'image' (BYTES); got {len(request.inputs)}")
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput("raw_input_contents must hold one entry per input")
+    # Of the parameters clients send (priority, sequence_*, binary_data_output ...), only `timeout`
+    # means something here; the others are accepted and ignored, as Triton does for a stateless model.
     timeout_us = None
     for key, param in request.parameters.items():
         if key == "timeout":
@@ -87,7 +88,7 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     if raw is not None and tensor.HasField("contents"):
         raise InvalidInput(f"input {tensor.name!r} has both raw and typed contents")
-    parsed = InferRequest(request.model_name, request.model_version, request.id, tensor.name, timeout_us=timeout_us)
+    parsed = InferRequest(request.model_name, request.model_version, request.id, timeout_us=timeout_us)
     if tensor.name == "image":
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input 'image' must be BYTES, not {tensor.datatype}")
@@ -141,9 +142,9 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     return parsed
 
 
-def build_infer_response(request: InferRequest, model_name: str, model_version: str,
-                         result: InferResult) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request.id)
+def build_infer_response(request: InferRequest, result: InferResult) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
+                                     id=request.id)
     for tensor in result.outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(tensor.data)

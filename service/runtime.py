@@ -64,8 +64,6 @@ class ModelRuntime:
     """An onnxruntime session for one model file."""
 
     def __init__(self, path: str, settings: Settings) -> None:
-        self.path = path
-        self.settings = settings
         wanted = requested_providers(settings)
         if any(p != "CPUExecutionProvider" for p in wanted):
             _preload_gpu_libraries()

@@ -1,42 +1,52 @@
-"""One settings object: command-line flags over CONVSERVE_* environment variables over defaults."""
+"""One settings object: command-line flags over CONVSERVE_* environment variables over defaults.
+
+The `convserve serve` flags are derived from the fields (their help is the field's own).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import Field, dataclass, fields
-from typing import Optional
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Optional
 
-_CORES = os.cpu_count() or 1
+from convserve.cpus import available_cpus
+
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class Settings:
     # where models come from
-    repository: str = "model_repository"
-    version_policy: str = "latest"          # latest | all | specific:1,3
-    poll_interval: float = 0.0              # seconds between repository rescans; 0: never
-    # network
-    host: str = "0.0.0.0"
-    grpc_port: int = 8001                   # Triton's numbers, so dashboards and habits carry over
-    metrics_port: int = 8002                # 0: no metrics endpoint
-    max_message_bytes: int = 256 * 1024 * 1024
-    auth_token: str = ""                    # when set, RPCs (but health) need "authorization: Bearer <token>"
+    repository: str = _opt("model_repository", "model repository folder")
+    version_policy: str = _opt("latest", "which versions to serve: latest, all, or specific:1,3")
+    poll_interval: float = _opt(0.0, "rescan the repository every N seconds (0: never)")
+    # network; 8001 and 8002 are Triton's numbers, so dashboards and habits carry over
+    host: str = _opt("0.0.0.0", "address to listen on")
+    grpc_port: int = _opt(8001, "gRPC port (0: any free port)")
+    metrics_port: int = _opt(8002, "Prometheus /metrics port (0: off)")
+    max_message_bytes: int = _opt(256 * 1024 * 1024, "largest gRPC message accepted or sent")
+    auth_token: str = _opt("", "require 'authorization: Bearer TOKEN' on every RPC but health "
+                               "(prefer CONVSERVE_AUTH_TOKEN: flags show in `ps`)")
     # batching
-    max_batch_size: int = 32                # images per session run
-    max_queue_delay_ms: float = 2.0         # only ever waited while another batch runs (see batcher)
-    max_queue_size: int = 256               # requests waiting per model version; past it RESOURCE_EXHAUSTED
+    max_batch_size: int = _opt(32, "most images per session run")
+    max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")
+    max_queue_size: int = _opt(256, "requests that may wait per model version before RESOURCE_EXHAUSTED")
     # runtime
-    providers: str = "auto"                 # auto | comma list of tensorrt, cuda, cpu
-    instances: Optional[int] = None         # concurrent session runs per model; default 1 on CPU, 2 on GPU
-    intra_op_threads: Optional[int] = None  # default: cores // instances, so runs never oversubscribe cores
-    inter_op_threads: int = 1
-    cuda_device_id: int = 0
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"   # EXHAUSTIVE | HEURISTIC | DEFAULT
-    gpu_mem_limit_bytes: int = 0            # 0: no limit
+    providers: str = _opt("auto", "execution providers: auto, or a list of tensorrt, cuda, cpu in order")
+    instances: Optional[int] = _opt(None, "concurrent session runs per model (default 1 on CPU, 2 on GPU)")
+    # runs times threads never exceed the CPUs this process may use: oversubscribed cores only switch
+    intra_op_threads: Optional[int] = _opt(None, "onnxruntime intra-op threads per run (default CPUs / instances)")
+    inter_op_threads: int = _opt(1, "onnxruntime inter-op threads per run")
+    cuda_device_id: int = _opt(0, "GPU to run on")
+    cudnn_conv_algo_search: str = _opt("EXHAUSTIVE", "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT")
+    gpu_mem_limit_bytes: int = _opt(0, "CUDA arena limit in bytes (0: none)")
     # lifecycle
-    grace_period: float = 30.0              # seconds to finish in-flight requests on SIGTERM
-    log_level: str = "INFO"
+    grace_period: float = _opt(30.0, "seconds to finish in-flight requests on SIGTERM")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
 
     def validate(self) -> "Settings":
         if self.max_batch_size < 1 or self.max_queue_size < 1:
@@ -63,39 +73,9 @@ class Settings:
         return [int(v) for v in self.version_policy[len("specific:"):].split(",") if v.strip()]
 
 
-_HELP = {
-    "repository": "model repository folder",
-    "version_policy": "which versions to serve: latest, all, or specific:1,3",
-    "poll_interval": "rescan the repository every N seconds (0: never)",
-    "host": "address to listen on",
-    "grpc_port": "gRPC port (0: any free port)",
-    "metrics_port": "Prometheus /metrics port (0: off)",
-    "max_message_bytes": "largest gRPC message accepted or sent",
-    "auth_token": "require 'authorization: Bearer TOKEN' on every RPC but health (prefer CONVSERVE_AUTH_TOKEN)",
-    "max_batch_size": "most images per session run",
-    "max_queue_delay_ms": "longest a request waits for a fuller batch, only while another batch runs",
-    "max_queue_size": "requests that may wait per model version before RESOURCE_EXHAUSTED",
-    "providers": "execution providers: auto, or a list of tensorrt, cuda, cpu in order",
-    "instances": "concurrent session runs per model (default 1 on CPU, 2 on GPU)",
-    "intra_op_threads": "onnxruntime intra-op threads per run (default cores / instances)",
-    "inter_op_threads": "onnxruntime inter-op threads per run",
-    "cuda_device_id": "GPU to run on",
-    "cudnn_conv_algo_search": "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT",
-    "gpu_mem_limit_bytes": "CUDA arena limit in bytes (0: none)",
-    "grace_period": "seconds to finish in-flight requests on SIGTERM",
-    "log_level": "DEBUG, INFO, WARNING, ERROR",
-}
-
-
 def _kind(f: Field) -> type:
     # annotations are strings here (from __future__ import annotations)
     return {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (--grpc-port ...), all defaulting to None so the environment can fill in."""
-    for f in fields(Settings):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=_kind(f), default=None, help=_HELP.get(f.name))
 
 
 def from_sources(args: argparse.Namespace | None = None, environ: dict | None = None) -> Settings:
@@ -117,6 +97,7 @@ def from_sources(args: argparse.Namespace | None = None, environ: dict | None = 
 
 
 def default_intra_op_threads(instances: int) -> int:
-    return max(1, _CORES // max(1, instances))
+    """Threads per session run so that `instances` concurrent runs fill the CPUs, never more."""
+    return max(1, available_cpus() // max(1, instances))
 
 

@@ -1,11 +1,4 @@
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -15,8 +8,10 @@ def trained(tmp_path_factory):
     Trained once per test session and shared: the models tests read its export, the end-to-end
     tests serve it.
     """
-    from models.train import TrainConfig, train
+    from convserve.models.config import TrainConfig
+    from convserve.models.export import export_checkpoint
+    from convserve.models.train import train
 
     root = tmp_path_factory.mktemp("trained")
-    result = train(TrainConfig(output=str(root / "run"), repository=str(root / "repository"), progress=False))
-    return result, result.export_dir
+    result = train(TrainConfig(output=str(root / "run"), progress=False))
+    return result, export_checkpoint(result.checkpoint, repository=str(root / "repository"), name="digits")

@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def convserve(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "service", *args], capture_output=True, text=True,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "convserve", *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=env, timeout=300)
 
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from service.cli import build_parser
-from service.settings import Settings, from_sources
+from convserve.cli import build_parser
+from convserve.service.settings import Settings, from_sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

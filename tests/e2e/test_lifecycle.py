@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
-from models.export import export_checkpoint
-from service.client import Client, build_request
-from service.proto import grpc_service_pb2 as pb
+from convserve.models.export import export_checkpoint
+from convserve.service.client import Client, build_request
+from convserve.service.proto import grpc_service_pb2 as pb
 
 from .conftest import RunningServer
 
@@ -48,7 +48,7 @@ def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own
         with Client(server.url) as client:
             assert client.infer("digits", array=X).model_version == "1"
             # a good version 2 appears: served without a restart
-            export_checkpoint(os.path.join(result.config.output, "checkpoint.pt"), repository=str(own_repository),
+            export_checkpoint(result.checkpoint, repository=str(own_repository),
                               name="digits")
             assert _wait_for(lambda: client.infer("digits", array=X).model_version == "2"), server.output()
             # a corrupt version 3: refused, version 2 keeps serving

@@ -15,11 +15,11 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from models.data import digits_as_uint8, seeded_split
-from service.client import Client, build_request
-from service.proto import grpc_service_pb2 as pb
-from service.proto import introspection_pb2 as ipb
-from service.proto import introspection_pb2_grpc as ipb_grpc
+from convserve.models.data import digits_as_uint8, seeded_split
+from convserve.service.client import Client, build_request
+from convserve.service.proto import grpc_service_pb2 as pb
+from convserve.service.proto import introspection_pb2 as ipb
+from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
 
 FEATURE_MAPS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -44,12 +44,9 @@ def held_out(meta):
 
 @pytest.fixture(scope="module")
 def torch_model(trained):
-    from models.train import build_model, config_from_checkpoint
+    from convserve.models.checkpoint import Checkpoint
     result, _ = trained
-    state = torch.load(os.path.join(result.config.output, "checkpoint.pt"), weights_only=False)
-    model = build_model(config_from_checkpoint(state), 1, 10)
-    model.load_state_dict(state["model"])
-    return model.eval()
+    return Checkpoint.load(result.checkpoint).build_model()
 
 
 def test_tritonclient_health_and_metadata(server):
@@ -268,14 +265,14 @@ def test_models_and_describe_commands(server):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": root}
-    models = subprocess.run([sys.executable, "-m", "service", "models", "--url", server.url],
+    env = dict(os.environ)
+    models = subprocess.run([sys.executable, "-m", "convserve", "models", "--url", server.url],
                             capture_output=True, text=True, env=env, timeout=60)
     assert models.returncode == 0 and "digits" in models.stdout and "READY" in models.stdout
-    described = subprocess.run([sys.executable, "-m", "service", "describe", "digits", "--url", server.url],
+    described = subprocess.run([sys.executable, "-m", "convserve", "describe", "digits", "--url", server.url],
                                capture_output=True, text=True, env=env, timeout=60)
     assert described.returncode == 0, described.stderr
     assert "conv5" in described.stdout and "fc layers" in described.stdout and "dataset=digits" in described.stdout
-    missing = subprocess.run([sys.executable, "-m", "service", "describe", "nope", "--url", server.url],
+    missing = subprocess.run([sys.executable, "-m", "convserve", "describe", "nope", "--url", server.url],
                              capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("convserve: error: NOT_FOUND")

@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from models import arithmetic as ar
-from models.arithmetic_torch import analyze_module, trace
-from models.zoo import get_model, list_models
+from convserve.models import arithmetic as ar
+from convserve.models.arithmetic_torch import analyze_module, trace
+from convserve.models.zoo import get_model, list_models
 
 
 def test_output_size_formula_examples():

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from models import arithmetic as ar
-from models.arithmetic_torch import analyze_module
-from models.zoo import get_model
+from convserve.models import arithmetic as ar
+from convserve.models.arithmetic_torch import analyze_module
+from convserve.models.zoo import get_model
 
 
 def _export(model, shape, path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import DataError, load_dataset, read_idx
+from convserve.models.data import DataError, load_dataset, read_idx
 
 
 def test_digits_split_is_fixed_and_normalised():

@@ -1,6 +1,6 @@
-from models.arithmetic_torch import analyze_module
-from models.paper import TABLE_1, compare
-from models.zoo import get_model
+from convserve.models.arithmetic_torch import analyze_module
+from convserve.models.paper import TABLE_1, compare
+from convserve.models.zoo import get_model
 
 
 def test_googlenet_table_1_comparison():

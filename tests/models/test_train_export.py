@@ -13,12 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import digits_as_uint8, seeded_split
-from models.export import ExportError, check_parity, export_checkpoint, export_random_init, to_onnx_bytes
-from models.repository import RepositoryError, check_name, versions, write_version
-from models.train import TrainConfig, lr_factor, train
-from models.zoo import get_model
-from service.preprocess import PreprocessSpec, preprocess_encoded
+from convserve.models.data import digits_as_uint8, seeded_split
+from convserve.models.export import ExportError, check_parity, export_checkpoint, export_random_init, to_onnx_bytes
+from convserve.contract import ContractError, check_name, versions
+from convserve.models.repository import write_version
+from convserve.models.config import TrainConfig
+from convserve.models.train import lr_factor, train
+from convserve.models.zoo import get_model
+from convserve.contract import PreprocessSpec
+from convserve.service.preprocess import preprocess_encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +95,7 @@ def test_parity_failure_names_the_output_and_writes_nothing(tmp_path, monkeypatc
     with pytest.raises(ExportError, match=r"output logits differs from PyTorch by 1 "):
         check_parity(model, onnx_bytes, (1, 32, 32), None)
 
-    import models.export as export_module
+    import convserve.models.export as export_module
     monkeypatch.setattr(export_module, "check_parity", lambda *a, **k: (_ for _ in ()).throw(ExportError("boom")))
     with pytest.raises(ExportError):
         export_random_init("alexnet_small", repository=str(tmp_path), name="broken", num_classes=3)
@@ -101,10 +104,10 @@ def test_parity_failure_names_the_output_and_writes_nothing(tmp_path, monkeypatc
 
 
 def test_repository_writer_is_atomic(tmp_path):
-    with pytest.raises(RepositoryError):
+    with pytest.raises(ContractError):
         check_name("../escape")
     for bad in ("", ".hidden", "a/b", "a..b"):
-        with pytest.raises(RepositoryError):
+        with pytest.raises(ContractError):
             check_name(bad)
 
     def failing(version):
@@ -114,13 +117,13 @@ def test_repository_writer_is_atomic(tmp_path):
         write_version(str(tmp_path), "m", {"model.onnx": b"x", "model.json": failing})
     assert versions(str(tmp_path / "m")) == [] and [p for p in os.listdir(tmp_path) if p != "m"] == []
     (tmp_path / "file").write_text("x")
-    with pytest.raises(RepositoryError, match="is a file"):
+    with pytest.raises(ContractError, match="is a file"):
         write_version(str(tmp_path / "file"), "m", {"model.onnx": b"x"})
 
 
 def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     def run(output, epochs, resume=False):
-        return train(TrainConfig(epochs=epochs, output=str(output), resume=resume, export=False, progress=False,
+        return train(TrainConfig(epochs=epochs, output=str(output), resume=resume, progress=False,
                                  width_mult=0.25))
 
     straight = run(tmp_path / "a", 3)
@@ -128,7 +131,7 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     assert straight.history[-1]["test_loss"] == again.history[-1]["test_loss"]
     # interrupted after 2 of 3 epochs, then resumed
     run(tmp_path / "c", 3).history   # warm the same path layout
-    partial = TrainConfig(epochs=3, output=str(tmp_path / "d"), export=False, progress=False, width_mult=0.25)
+    partial = TrainConfig(epochs=3, output=str(tmp_path / "d"), progress=False, width_mult=0.25)
     partial_result = _train_interrupted(partial, stop_after=2)
     assert len(partial_result) == 2
     resumed = run(tmp_path / "d", 3, resume=True)
@@ -138,7 +141,7 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
 
 def _train_interrupted(config, stop_after):
     """Train until `stop_after` epochs have been checkpointed, then stop as a killed run would."""
-    import models.train as train_module
+    import convserve.models.train as train_module
 
     original = train_module.evaluate
     calls = {"n": 0}
@@ -178,10 +181,10 @@ def _free_port():
 
 def test_two_process_gloo_run_matches_one_process(trained, tmp_path):
     single, _ = trained
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "service", "train", "--no-progress", "--output", str(tmp_path / "run"), "--no-export"],
+         "-m", "convserve", "train", "--no-progress", "--output", str(tmp_path / "run"), "--no-export"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     history = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

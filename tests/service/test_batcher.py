@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, Job
-from service.errors import DeadlineExceeded, InvalidInput, QueueFull
+from convserve.service.batcher import Batcher, Job
+from convserve.service.errors import DeadlineExceeded, InvalidInput, QueueFull
 
 
 class SlowRunner:

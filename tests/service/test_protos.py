@@ -34,8 +34,8 @@ def test_wire_compatible_with_tritonclient():
     from tritonclient.grpc import model_config_pb2 as triton_mc
     from tritonclient.grpc import service_pb2 as triton_pb
 
-    from service.proto import grpc_service_pb2 as ours
-    from service.proto import model_config_pb2 as ours_mc
+    from convserve.service.proto import grpc_service_pb2 as ours
+    from convserve.service.proto import model_config_pb2 as ours_mc
 
     assert ours.DESCRIPTOR.package == triton_pb.DESCRIPTOR.package == "inference"
     our_service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]

@@ -7,11 +7,15 @@ import time
 
 import numpy as np
 
-from models.export import export_checkpoint
-from service.dataplane import DataPlane
-from service.protocol import InferRequest
-from service.registry import Registry
-from service.settings import Settings
+from convserve.models.export import export_checkpoint
+from concurrent.futures import ThreadPoolExecutor
+
+from convserve.service.dataplane import DataPlane
+from convserve.service.metrics import Metrics
+from convserve.service.observe import Outcome, Recorder
+from convserve.service.protocol import InferRequest
+from convserve.service.registry import ModelState, Registry
+from convserve.service.settings import Settings
 
 
 def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_path):
@@ -20,9 +24,11 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
     shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
 
     async def main():
-        registry = Registry(Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000))
+        metrics = Metrics()
+        registry = Registry(Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000), metrics,
+                            Recorder(metrics, lambda name: True))
         await registry.scan()
-        plane = DataPlane(registry)
+        plane = DataPlane(registry, ThreadPoolExecutor(2))
         old = registry.resolve("digits")
         run = old.batcher._runner
 
@@ -32,17 +38,16 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
 
         old.batcher._runner = slow_run
         x = np.zeros((1, 1, 32, 32), np.float32)
-        in_flight = [asyncio.create_task(plane.infer(InferRequest("digits", "", str(i), "input", array=x)))
+        in_flight = [asyncio.create_task(plane.infer(InferRequest("digits", "", str(i), array=x), Outcome("test")))
                      for i in range(200)]
         await asyncio.sleep(0.05)
-        export_checkpoint(os.path.join(result.config.output, "checkpoint.pt"), repository=str(repository),
-                          name="digits")
+        export_checkpoint(result.checkpoint, repository=str(repository), name="digits")
         await registry.scan()   # loads version 2, then retires version 1 once its queue is empty
         finished = await asyncio.gather(*in_flight)
-        after, _ = await plane.infer(InferRequest("digits", "", "new", "input", array=x))
+        after = await plane.infer(InferRequest("digits", "", "new", array=x), Outcome("test"))
         await registry.close()
         return old, finished, after
 
     old, finished, after = asyncio.run(main())
-    assert len(finished) == 200 and all(model.version == 1 for model, _ in finished)
-    assert old.state == "UNAVAILABLE" and after.version == 2
+    assert len(finished) == 200 and all(result.model_version == "1" for result in finished)
+    assert old.state is ModelState.UNAVAILABLE and after.model_version == "2"

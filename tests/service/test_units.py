@@ -7,17 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import settings as settings_module
-from service.client import build_request
-from service.errors import InvalidInput
-from service.postprocess import deserialize_bytes, serialize_bytes, top_k
-from service.preprocess import ImageDecodeError, PreprocessSpec, decode_image, preprocess_encoded
-from service.protocol import parse_infer_request
+from convserve.cli.base import add_flags
+from convserve.service import settings as settings_module
+from convserve.service.client import build_request
+from convserve.service.errors import InvalidInput
+from convserve.service.postprocess import deserialize_bytes, serialize_bytes, top_k
+from convserve.contract import PreprocessSpec
+from convserve.service.preprocess import ImageDecodeError, decode_image, preprocess_encoded
+from convserve.service.protocol import parse_infer_request
 
 
 def test_settings_flags_over_environment_over_defaults():
     parser = argparse.ArgumentParser()
-    settings_module.add_arguments(parser)
+    add_flags(parser, settings_module.Settings)
     env = {"CONVSERVE_GRPC_PORT": "9001", "CONVSERVE_MAX_BATCH_SIZE": "8", "CONVSERVE_PROVIDERS": "cpu"}
     s = settings_module.from_sources(parser.parse_args(["--grpc-port", "9100"]), env)
     assert s.grpc_port == 9100 and s.max_batch_size == 8 and s.providers == "cpu" and s.metrics_port == 8002

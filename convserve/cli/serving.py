@@ -1,0 +1,162 @@
+"""The serving half's commands: serve, and the client commands that talk to a running server
+(infer, models, describe), and the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .base import Command, UsageError, add_flags, add_server_flags, rpc_errors
+
+# ---- serve -------------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from convserve.service.settings import Settings
+    add_flags(p, Settings)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from convserve.service.server import serve
+    from convserve.service.settings import from_sources
+
+    try:
+        settings = from_sources(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if os.path.exists(settings.repository) and not os.path.isdir(settings.repository):
+        raise UsageError(f"repository {settings.repository!r} is a file, not a folder")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# ---- infer -------------------------------------------------------------------------------------
+
+def _infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="PNG/JPEG files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--top", type=int, default=3, help="classes to show per image")
+    p.add_argument("--feature-map", action="append", default=[], help="also fetch this feature map (repeatable)")
+    add_server_flags(p)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from convserve.service.client import Client
+
+    images = []
+    for path in args.images:
+        try:
+            with open(path, "rb") as handle:
+                images.append(handle.read())
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    outputs = ["probabilities", *args.feature_map]
+    with Client(args.url, token=args.token) as client, rpc_errors():
+        response = client.infer(args.model, images=images, outputs=outputs, classification=args.top, timeout=30)
+        top = client.output(response, "probabilities")
+        for path, row in zip(args.images, top):
+            print(f"{path}: " + "  ".join(item.decode() for item in row))
+        for name in args.feature_map:
+            fmap = client.output(response, name)
+            print(f"{name}: shape {list(fmap.shape)}, mean {float(fmap.mean()):.4f}, max {float(fmap.max()):.4f}")
+        params = client.parameters(response)
+        print("metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
+    return 0
+
+
+# ---- models and describe (read a running server) -------------------------------------------------
+
+def _models(args: argparse.Namespace) -> int:
+    from convserve.service.client import Client
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    with Client(args.url, token=args.token) as client, rpc_errors():
+        index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+    for model in index.models:
+        print(f"{model.name:<24} {model.version:>7}  {model.state:<12} {model.reason}")
+    return 0
+
+
+def _describe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--version", default="")
+    add_server_flags(p)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from convserve.service.client import open_channel
+    from convserve.service.proto import introspection_pb2 as ipb
+    from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
+
+    with open_channel(args.url, args.token) as channel, rpc_errors():
+        answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
+            ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10)
+    try:   # the table's layout is the arithmetic module's, in the training half
+        from convserve.models.arithmetic import LayerRow, Table, format_table
+    except ImportError:
+        format_table = None
+    title = f"{answer.name} version {answer.version} on {answer.execution_provider}"
+    if format_table is not None:
+        rows = [LayerRow(layer.name, layer.kind, layer.op, tuple(layer.input_shape), tuple(layer.output_shape),
+                         layer.params, 0, layer.macs, layer.activations, tuple(layer.receptive_field) or None,
+                         tuple(layer.jump) or None, layer.detail) for layer in answer.layers]
+        print(format_table(Table(rows[0].input_shape if rows else (), rows), title=title))
+    else:
+        print(title)
+        for layer in answer.layers:
+            print(f"  {layer.name:<12} {list(layer.output_shape)!s:<18} params {layer.params:>12,}  "
+                  f"MACs {layer.macs:>14,}")
+        print(f"  total params {answer.total_params:,}, MACs {answer.total_macs:,}")
+    training = json.loads(answer.training_json or "{}")
+    print("training: " + ", ".join(f"{k}={training[k]}" for k in
+                                   ("dataset", "arch", "epochs", "test_accuracy", "seed", "date") if k in training))
+    print(f"feature maps: {', '.join(answer.feature_maps)}")
+    return 0
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repository", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--clients", default="1,16", help="comma list of concurrent client counts")
+    p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    p.add_argument("--input-kind", choices=["input", "image"], default="input")
+    p.add_argument("--feature-map", action="append", default=[], help="also request this feature map")
+    p.add_argument("--fp16", action="store_true", help="feature maps as FP16")
+    p.add_argument("--json", action="store_true")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from convserve.contract import versions
+    from convserve.service.bench import format_rows, run
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError("--clients must be a comma list of integers") from None
+    if not clients or min(clients) < 1:
+        raise UsageError("--clients must be positive integers")
+    if not versions(os.path.join(args.repository, args.model)):
+        raise UsageError(f"no model {args.model!r} in {args.repository!r}")
+    rows = run(args.repository, args.model, clients, args.seconds, args.input_kind, args.feature_map, args.fp16)
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
+COMMANDS = [
+    Command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args,
+            _serve),
+    Command("infer", "classify image files with a running server", _infer_args, _infer),
+    Command("models", "list a running server's model versions with their state", add_server_flags, _models),
+    Command("describe", "a served model's arithmetic table and training provenance", _describe_args, _describe),
+    Command("bench", "server throughput and latency as ratios of in-process onnxruntime", _bench_args, _bench),
+]

@@ -1,0 +1,231 @@
+"""The contract between the halves: the model repository's layout, model.json, the preprocessing spec.
+
+The training half writes what this module describes and the serving half reads it; neither imports
+the other. Pure Python with numpy and Pillow (no torch, no onnxruntime), so both containers have it.
+
+    REPO/<name>/<version>/model.onnx     the graph: input `input` (N, C, H, W) FP32, outputs below
+    REPO/<name>/<version>/model.json     a ModelCard: labels, preprocessing, outputs, provenance, sha256
+
+A name is letters, digits, '_', '-' and '.', not starting with '.' and without '..' (it stays inside
+the repository); a version is a folder named by a positive integer in ASCII digits, highest newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+INPUT_NAME = "input"          # the graph's one input: an already normalised FP32 batch
+PLATFORM = "onnxruntime_onnx"
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")   # ASCII only: str.isdigit() accepts '²' and '١'
+
+
+class ContractError(ValueError):
+    """A name, a version or a model.json that breaks the contract; the message says how."""
+
+
+# ---- the repository's layout -------------------------------------------------------------------
+
+def is_valid_name(name: str) -> bool:
+    """A model name that stays inside the repository: letters, digits, '_', '-', '.'; no '..'."""
+    return bool(name) and _NAME_PATTERN.match(name) is not None and ".." not in name
+
+
+def check_name(name: str) -> str:
+    """`name` itself when is_valid_name, else ContractError."""
+    if not is_valid_name(name):
+        raise ContractError(f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
+    return name
+
+
+def parse_version(text: str) -> Optional[int]:
+    """A version folder's (or a request's) version: '3' -> 3; anything but ASCII digits from 1 -> None."""
+    return int(text) if _VERSION_PATTERN.match(text) else None
+
+
+def versions(model_dir: str) -> list[int]:
+    """The integer versions present under REPO/NAME, ascending (other entries are ignored)."""
+    try:
+        entries = os.listdir(model_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = ((parse_version(entry), entry) for entry in entries)
+    return sorted(v for v, entry in found if v is not None and os.path.isdir(os.path.join(model_dir, entry)))
+
+
+def model_names(repository: str) -> list[str]:
+    """The model folders in a repository, sorted; entries that are not valid names are ignored."""
+    try:
+        entries = os.listdir(repository)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in entries if is_valid_name(n) and os.path.isdir(os.path.join(repository, n)))
+
+
+def version_dir(repository: str, name: str, version: int) -> str:
+    return os.path.join(repository, check_name(name), str(version))
+
+
+# ---- preprocessing: the same pixels in training and in serving ------------------------------------
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How raw images become the model's input: convert, resize, scale to [0, 1], normalise."""
+    height: int
+    width: int
+    channels: int                 # 1: greyscale ("L"), 3: RGB, in that channel order
+    resize: str = "bilinear"      # PIL filter name
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1.0 / 255.0    # uint8 -> [0, 1] before the mean and std
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ContractError(f"channels must be 1 or 3, not {self.channels}")
+        if self.resize not in _RESAMPLE:
+            raise ContractError(f"resize must be one of {sorted(_RESAMPLE)}, not {self.resize!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ContractError("mean and std need one value per channel")
+        if self.height < 1 or self.width < 1:
+            raise ContractError("height and width must be positive")
+
+    @property
+    def mode(self) -> str:
+        """PIL's colour mode for this spec."""
+        return "L" if self.channels == 1 else "RGB"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image as the model takes it."""
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(mean=list(self.mean), std=list(self.std), color_mode=self.mode, channel_order=self.mode)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        return cls(height=int(data["height"]), width=int(data["width"]), channels=int(data["channels"]),
+                   resize=data.get("resize", "bilinear"), mean=tuple(data["mean"]), std=tuple(data["std"]),
+                   scale=float(data.get("scale", 1 / 255)), layout=data.get("layout", "NCHW"))
+
+
+def resize_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """A PIL image -> uint8 array (H, W, C) at the spec's size and colour mode."""
+    if image.mode != spec.mode:
+        image = image.convert(spec.mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), _RESAMPLE[spec.resize])
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def normalize(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W): scale, subtract mean, divide by std."""
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    batch = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(spec.scale)
+    return np.ascontiguousarray((batch - mean) / std)
+
+
+# ---- model.json ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output of the graph: name, V2 datatype, shape with -1 for the batch."""
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ModelCard:
+    """model.json: everything the server needs to serve a version, and where the version came from."""
+    name: str
+    version: int
+    labels: list[str]
+    preprocess: PreprocessSpec
+    outputs: list[TensorSpec]              # logits, probabilities, then one per feature map
+    feature_maps: list[dict]               # {"name": "conv1", "layer": "features.1", "shape": [-1, C, H, W]}
+    sha256: str                            # of model.onnx
+    onnx_bytes: int = 0
+    arithmetic: dict = field(default_factory=dict)   # the arithmetic table (convserve.models.arithmetic)
+    training: dict = field(default_factory=dict)     # provenance: dataset, epochs, accuracy, seed, date
+    export: dict = field(default_factory=dict)       # opset, parity, versions
+
+    @property
+    def feature_map_names(self) -> list[str]:
+        return [f["name"] for f in self.feature_maps]
+
+    def to_dict(self) -> dict:
+        c, h, w = self.preprocess.input_shape
+        return {
+            "name": self.name,
+            "version": self.version,
+            "platform": PLATFORM,
+            "labels": self.labels,
+            "preprocess": self.preprocess.to_dict(),
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)} for o in self.outputs],
+            "feature_maps": self.feature_maps,
+            "arithmetic": self.arithmetic,
+            "training": self.training,
+            "export": self.export,
+            "onnx": {"file": MODEL_FILE, "sha256": self.sha256, "bytes": self.onnx_bytes},
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelCard":
+        """Parse and check a model.json document; ContractError says what is wrong."""
+        if not isinstance(data, dict):
+            raise ContractError("model.json is not an object")
+        for key in ("labels", "preprocess", "outputs", "onnx"):
+            if key not in data:
+                raise ContractError(f"model.json has no {key!r}")
+        try:
+            return cls(
+                name=str(data.get("name", "")), version=int(data.get("version", 0)),
+                labels=[str(label) for label in data["labels"]],
+                preprocess=PreprocessSpec.from_dict(data["preprocess"]),
+                outputs=[TensorSpec(str(o["name"]), str(o["datatype"]), tuple(int(d) for d in o["shape"]))
+                         for o in data["outputs"]],
+                feature_maps=list(data.get("feature_maps", [])), sha256=str(data["onnx"]["sha256"]),
+                onnx_bytes=int(data["onnx"].get("bytes", 0)), arithmetic=dict(data.get("arithmetic") or {}),
+                training=dict(data.get("training") or {}), export=dict(data.get("export") or {}))
+        except ContractError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"model.json is malformed: {exc!s}") from None
+
+    @classmethod
+    def read(cls, folder: str) -> "ModelCard":
+        """REPO/NAME/VERSION/model.json as a ModelCard; ContractError (or OSError) when it cannot be."""
+        try:
+            with open(os.path.join(folder, CARD_FILE)) as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"model.json is not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data)

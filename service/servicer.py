@@ -1,0 +1,240 @@
+"""The V2 inference service (inference.GRPCInferenceService): thin.
+
+Each RPC converts the message (protocol), asks the data plane or the registry, converts back.
+`rpc` wraps every unary method once: it opens the request's `Outcome`, records it when the method
+ends, and turns domain errors into status codes (errors.status_of is the one table). The stream
+handler does the same per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+import grpc
+
+from convserve import __version__
+
+from .dataplane import DataPlane
+from .errors import InvalidInput, ServingError, ShuttingDown, status_of
+from .observe import Outcome, Recorder
+from .proto import grpc_service_pb2 as pb
+from .proto import grpc_service_pb2_grpc as pb_grpc
+from .proto import model_config_pb2 as mc
+from .protocol import build_infer_response, parse_infer_request
+from .registry import ModelState, Registry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)", "statistics",
+              "model_configuration", "binary_tensor_data", "convserve_feature_maps"]
+# Responses a stream may hold unwritten before the server stops reading that stream's requests:
+# a client that sends and never reads gets back-pressure (HTTP/2 flow control), not server memory.
+STREAM_PENDING_LIMIT = 32
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Outcome], Awaitable[Any]]
+
+
+def rpc(method: Handler):
+    """Observe and map errors for one unary RPC: `method(self, request, context, outcome)`."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        outcome = Outcome(name, getattr(request, "model_name", "") or getattr(request, "name", ""))
+        try:
+            with self.recorder.observe(outcome):
+                return await method(self, request, context, outcome)
+        except Exception as exc:   # CancelledError is a BaseException: it passes
+            code, message = status_of(exc)
+        await context.abort(code, message)
+    return wrapper
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
+    """The RPC's deadline as time.monotonic() seconds, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class ServerState(enum.Enum):
+    STARTING = "starting"     # listening, loading the repository
+    READY = "ready"           # the first scan is done
+    STOPPING = "stopping"     # refusing new requests, finishing those in flight
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: Registry, dataplane: DataPlane, settings: Settings,
+                 server_state: Callable[[], ServerState], recorder: Recorder) -> None:
+        self.registry = registry
+        self.dataplane = dataplane
+        self.settings = settings
+        self.server_state = server_state
+        self.recorder = recorder
+
+    # ---- health and metadata -----------------------------------------------------------------
+
+    @rpc
+    async def ServerLive(self, request, context, outcome):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context, outcome):
+        return pb.ServerReadyResponse(ready=self.server_state() is ServerState.READY
+                                      and bool(self.registry.ready_models()))
+
+    @rpc
+    async def ModelReady(self, request, context, outcome):
+        try:
+            self.registry.resolve(request.name, request.version)
+        except InvalidInput:
+            raise                      # a malformed name or version is an error, not "not ready"
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.server_state() is not ServerState.STOPPING)
+
+    @rpc
+    async def ServerMetadata(self, request, context, outcome):
+        return pb.ServerMetadataResponse(name="convserve", version=__version__, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request, context, outcome):
+        model = self.registry.resolve(request.name, request.version)
+        versions = [str(m.version) for m in self.registry.served_versions(model.name)]
+        response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
+        response.inputs.add(name="input", datatype="FP32", shape=[-1, *model.input_shape])
+        response.inputs.add(name="image", datatype="BYTES", shape=[-1])
+        for output in model.card.outputs:
+            response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        return response
+
+    @rpc
+    async def ModelConfig(self, request, context, outcome):
+        model = self.registry.resolve(request.name, request.version)
+        gpu = model.execution_provider != "CPUExecutionProvider"
+        config = mc.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime",
+                                max_batch_size=self.settings.max_batch_size, default_model_filename="model.onnx")
+        config.input.add(name="input", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                         dims=list(model.input_shape))
+        config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1], optional=True)
+        for output in model.card.outputs:
+            config.output.add(name=output.name, data_type=mc.TYPE_FP32, dims=output.shape[1:])
+        config.dynamic_batching.max_queue_delay_microseconds = int(self.settings.max_queue_delay_ms * 1000)
+        config.instance_group.add(name=model.name, count=model.instances,
+                                  kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+                                  gpus=[self.settings.cuda_device_id] if gpu else [])
+        config.parameters["execution_provider"].string_value = model.execution_provider
+        config.parameters["providers"].string_value = ",".join(model.providers)
+        config.parameters["max_queue_size"].string_value = str(self.settings.max_queue_size)
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc
+    async def ModelStatistics(self, request, context, outcome):
+        models = self.registry.served_versions(request.name)
+        if request.version:
+            models = [m for m in models if str(m.version) == request.version]
+        if request.name and not models:
+            self.registry.resolve(request.name, request.version)   # raises the right error
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            s = model.stats
+            entry = response.model_stats.add(name=model.name, version=str(model.version),
+                                             last_inference=s.last_inference_ms, inference_count=s.inference_count,
+                                             execution_count=s.execution_count)
+            stats = entry.inference_stats
+            stats.success.count, stats.success.ns = s.success_count, s.success_ns
+            stats.fail.count, stats.fail.ns = s.fail_count, s.fail_ns
+            stats.queue.count, stats.queue.ns = s.success_count, s.queue_ns
+            stats.compute_input.count, stats.compute_input.ns = s.success_count, s.preprocess_ns
+            stats.compute_infer.count, stats.compute_infer.ns = s.execution_count, s.compute_ns
+            stats.compute_output.count, stats.compute_output.ns = s.success_count, s.postprocess_ns
+            for size, (count, ns) in sorted(s.batches.items()):
+                batch = entry.batch_stats.add(batch_size=size)
+                batch.compute_infer.count, batch.compute_infer.ns = count, ns
+        return response
+
+    # ---- repository --------------------------------------------------------------------------
+
+    @rpc
+    async def RepositoryIndex(self, request, context, outcome):
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in await self.registry.index():
+            if request.ready and state is not ModelState.READY:
+                continue
+            response.models.add(name=name, version=version, state=state.value, reason=reason)
+        return response
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context, outcome):
+        await self.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context, outcome):
+        await self.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, outcome: Outcome,
+                     deadline: Optional[float]) -> pb.ModelInferResponse:
+        if self.server_state() is ServerState.STOPPING:
+            raise ShuttingDown("the server is shutting down")
+        parsed = parse_infer_request(request)
+        result = await self.dataplane.infer(parsed, outcome, deadline)
+        return build_infer_response(parsed, result)
+
+    @rpc
+    async def ModelInfer(self, request, context, outcome):
+        return await self._infer(request, outcome, deadline_of(context))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answers every request on the stream, in completion order; a bad one gets error_message.
+
+        At most STREAM_PENDING_LIMIT requests are in progress or answered-but-unwritten at once;
+        past that the stream is not read until the client takes its answers.
+        """
+        results: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_PENDING_LIMIT)
+        pending: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            outcome = Outcome("ModelStreamInfer", request.model_name)
+            try:
+                with self.recorder.observe(outcome):
+                    response = await self._infer(request, outcome, deadline_of(context))
+                item = pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:   # recorded (and, if a bug, logged) by observe
+                code, message = status_of(exc)
+                item = pb.ModelStreamInferResponse(
+                    error_message=f"{code.name}: {message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+            await results.put(item)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            except Exception:   # an undecodable message or a broken stream: say so, end the stream
+                log.warning("ModelStreamInfer: reading the request stream failed", exc_info=True)
+            await asyncio.gather(*list(pending))
+            await results.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+                slots.release()
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
