@@ -6,7 +6,7 @@ REPOSITORY ?= model_repository
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k arithmetic"`
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test protos clean
+.PHONY: setup serve test lint protos clean
 
 # The torch the tests were run with; pyproject.toml itself asks only for torch>=2.4. Installed
 # first, and only when the venv has no torch yet. On a machine without a GPU, a CPU build saves
@@ -33,6 +33,12 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format) over everything; mypy over the serving half (pyproject.toml says what).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Regenerate the committed protobuf modules under service/proto from protos/
 protos: setup

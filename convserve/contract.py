@@ -23,11 +23,11 @@ from PIL import Image
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
-INPUT_NAME = "input"          # the graph's one input: an already normalised FP32 batch
+INPUT_NAME = "input"  # the graph's one input: an already normalised FP32 batch
 PLATFORM = "onnxruntime_onnx"
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")   # ASCII only: str.isdigit() accepts '²' and '١'
+_VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")  # ASCII only: str.isdigit() accepts '²' and '١'
 
 
 class ContractError(ValueError):
@@ -35,6 +35,7 @@ class ContractError(ValueError):
 
 
 # ---- the repository's layout -------------------------------------------------------------------
+
 
 def is_valid_name(name: str) -> bool:
     """A model name that stays inside the repository: letters, digits, '_', '-', '.'; no '..'."""
@@ -89,13 +90,14 @@ _RESAMPLE = {
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How raw images become the model's input: convert, resize, scale to [0, 1], normalise."""
+
     height: int
     width: int
-    channels: int                 # 1: greyscale ("L"), 3: RGB, in that channel order
-    resize: str = "bilinear"      # PIL filter name
+    channels: int  # 1: greyscale ("L"), 3: RGB, in that channel order
+    resize: str = "bilinear"  # PIL filter name
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
-    scale: float = 1.0 / 255.0    # uint8 -> [0, 1] before the mean and std
+    scale: float = 1.0 / 255.0  # uint8 -> [0, 1] before the mean and std
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
@@ -124,10 +126,17 @@ class PreprocessSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessSpec":
-        return cls(height=int(data["height"]), width=int(data["width"]), channels=int(data["channels"]),
-                   resize=data.get("resize", "bilinear"), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                   scale=float(data.get("scale", 1 / 255)), layout=data.get("layout", "NCHW"))
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        return cls(
+            height=int(data["height"]),
+            width=int(data["width"]),
+            channels=int(data["channels"]),
+            resize=data.get("resize", "bilinear"),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            scale=float(data.get("scale", 1 / 255)),
+            layout=data.get("layout", "NCHW"),
+        )
 
 
 def resize_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -150,9 +159,11 @@ def normalize(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 # ---- model.json ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One output of the graph: name, V2 datatype, shape with -1 for the batch."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
@@ -161,17 +172,18 @@ class TensorSpec:
 @dataclass
 class ModelCard:
     """model.json: everything the server needs to serve a version, and where the version came from."""
+
     name: str
     version: int
     labels: list[str]
     preprocess: PreprocessSpec
-    outputs: list[TensorSpec]              # logits, probabilities, then one per feature map
-    feature_maps: list[dict]               # {"name": "conv1", "layer": "features.1", "shape": [-1, C, H, W]}
-    sha256: str                            # of model.onnx
+    outputs: list[TensorSpec]  # logits, probabilities, then one per feature map
+    feature_maps: list[dict]  # {"name": "conv1", "layer": "features.1", "shape": [-1, C, H, W]}
+    sha256: str  # of model.onnx
     onnx_bytes: int = 0
-    arithmetic: dict = field(default_factory=dict)   # the arithmetic table (convserve.models.arithmetic)
-    training: dict = field(default_factory=dict)     # provenance: dataset, epochs, accuracy, seed, date
-    export: dict = field(default_factory=dict)       # opset, parity, versions
+    arithmetic: dict = field(default_factory=dict)  # the arithmetic table (convserve.models.arithmetic)
+    training: dict = field(default_factory=dict)  # provenance: dataset, epochs, accuracy, seed, date
+    export: dict = field(default_factory=dict)  # opset, parity, versions
 
     @property
     def feature_map_names(self) -> list[str]:
@@ -198,7 +210,7 @@ class ModelCard:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode()
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ModelCard":
+    def from_dict(cls, data: Any) -> ModelCard:
         """Parse and check a model.json document; ContractError says what is wrong."""
         if not isinstance(data, dict):
             raise ContractError("model.json is not an object")
@@ -207,21 +219,28 @@ class ModelCard:
                 raise ContractError(f"model.json has no {key!r}")
         try:
             return cls(
-                name=str(data.get("name", "")), version=int(data.get("version", 0)),
+                name=str(data.get("name", "")),
+                version=int(data.get("version", 0)),
                 labels=[str(label) for label in data["labels"]],
                 preprocess=PreprocessSpec.from_dict(data["preprocess"]),
-                outputs=[TensorSpec(str(o["name"]), str(o["datatype"]), tuple(int(d) for d in o["shape"]))
-                         for o in data["outputs"]],
-                feature_maps=list(data.get("feature_maps", [])), sha256=str(data["onnx"]["sha256"]),
-                onnx_bytes=int(data["onnx"].get("bytes", 0)), arithmetic=dict(data.get("arithmetic") or {}),
-                training=dict(data.get("training") or {}), export=dict(data.get("export") or {}))
+                outputs=[
+                    TensorSpec(str(o["name"]), str(o["datatype"]), tuple(int(d) for d in o["shape"]))
+                    for o in data["outputs"]
+                ],
+                feature_maps=list(data.get("feature_maps", [])),
+                sha256=str(data["onnx"]["sha256"]),
+                onnx_bytes=int(data["onnx"].get("bytes", 0)),
+                arithmetic=dict(data.get("arithmetic") or {}),
+                training=dict(data.get("training") or {}),
+                export=dict(data.get("export") or {}),
+            )
         except ContractError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"model.json is malformed: {exc!s}") from None
 
     @classmethod
-    def read(cls, folder: str) -> "ModelCard":
+    def read(cls, folder: str) -> ModelCard:
         """REPO/NAME/VERSION/model.json as a ModelCard; ContractError (or OSError) when it cannot be."""
         try:
             with open(os.path.join(folder, CARD_FILE)) as handle:

@@ -33,7 +33,7 @@ def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """The CPUs this process may use: min(affinity, ceil(cgroup quota)), at least 1."""
     try:
         cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):   # not on Linux
+    except (AttributeError, OSError):  # not on Linux
         cpus = os.cpu_count() or 1
     quota = _cgroup_quota(cgroup_root)
     if quota is not None:

@@ -12,8 +12,9 @@ MACs are multiply-accumulates for one image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence, Union
+from typing import Union
 
 Pair = tuple[int, int]
 
@@ -26,8 +27,9 @@ def pair(value: int | Sequence[int]) -> Pair:
     return (int(first), int(second))
 
 
-def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
-                     dilation: int = 1, ceil_mode: bool = False) -> int:
+def conv_output_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, ceil_mode: bool = False
+) -> int:
     """One spatial dimension after a convolution or pooling window.
 
     floor((W + 2P - D(K-1) - 1) / S) + 1, or ceil for pooling with ceil_mode; with ceil_mode a
@@ -42,11 +44,13 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
         out = span // stride + 1
     if out < 1:
         raise ValueError(
-            f"kernel {kernel} (dilation {dilation}) does not fit an input of {size} with padding {padding}")
+            f"kernel {kernel} (dilation {dilation}) does not fit an input of {size} with padding {padding}"
+        )
     return out
 
 
 # ---- layer specs: what a layer is, independent of any framework --------------------------------
+
 
 @dataclass(frozen=True)
 class Conv2d:
@@ -89,6 +93,7 @@ class Linear:
 @dataclass(frozen=True)
 class Concat:
     """Channel concatenation of several inputs (an inception module's branches)."""
+
     kind: str = field(default="concat", init=False)
 
 
@@ -104,6 +109,7 @@ class Opaque:
     It holds no weights the arithmetic counts, and it keeps the receptive field of its input.
     `output_shape` None means: same as the input.
     """
+
     op: str
     output_shape: tuple[int, ...] | None = None
     params: int = 0
@@ -119,6 +125,7 @@ class Node:
 
     The input image is the node named "input".
     """
+
     name: str
     spec: Spec
     inputs: tuple[str, ...] = ("input",)
@@ -132,11 +139,11 @@ class LayerRow:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     params: int
-    weights: int          # params without biases (the GoogLeNet paper counts these)
+    weights: int  # params without biases (the GoogLeNet paper counts these)
     macs: int
-    activations: int      # elements of the output, per image
+    activations: int  # elements of the output, per image
     receptive_field: tuple[int, int] | None
-    jump: tuple[int, int] | None   # effective stride: input pixels between neighbouring outputs
+    jump: tuple[int, int] | None  # effective stride: input pixels between neighbouring outputs
     detail: str = ""
 
     def to_dict(self) -> dict:
@@ -185,6 +192,7 @@ class Table:
 
 # ---- the walk ----------------------------------------------------------------------------------
 
+
 def _describe(spec: Spec) -> str:
     if isinstance(spec, Conv2d):
         text = f"{spec.kernel_size[0]}x{spec.kernel_size[1]}/{spec.stride[0]}"
@@ -207,8 +215,9 @@ def _describe(spec: Spec) -> str:
     return ""
 
 
-def layer_row(name: str, spec: Spec, input_shapes: Sequence[tuple[int, ...]],
-              fields: Sequence[tuple[Pair, Pair] | None]) -> tuple[LayerRow, tuple[Pair, Pair] | None]:
+def layer_row(
+    name: str, spec: Spec, input_shapes: Sequence[tuple[int, ...]], fields: Sequence[tuple[Pair, Pair] | None]
+) -> tuple[LayerRow, tuple[Pair, Pair] | None]:
     """The row of one layer given its inputs' shapes and (receptive field, jump) pairs."""
     shape = tuple(input_shapes[0])
     rf_jump = fields[0]
@@ -231,9 +240,11 @@ def layer_row(name: str, spec: Spec, input_shapes: Sequence[tuple[int, ...]],
     elif isinstance(spec, Pool2d):
         channels, height, width = shape
         kh, kw = spec.kernel_size
-        out = (channels,
-               conv_output_size(height, kh, spec.stride[0], spec.padding[0], spec.dilation[0], spec.ceil_mode),
-               conv_output_size(width, kw, spec.stride[1], spec.padding[1], spec.dilation[1], spec.ceil_mode))
+        out = (
+            channels,
+            conv_output_size(height, kh, spec.stride[0], spec.padding[0], spec.dilation[0], spec.ceil_mode),
+            conv_output_size(width, kw, spec.stride[1], spec.padding[1], spec.dilation[1], spec.ceil_mode),
+        )
         rf_jump = _grow_field(rf_jump, (kh, kw), spec.stride, spec.dilation)
         op = f"{spec.mode.capitalize()}Pool2d"
     elif isinstance(spec, AdaptiveAvgPool2d):
@@ -259,8 +270,7 @@ def layer_row(name: str, spec: Spec, input_shapes: Sequence[tuple[int, ...]],
                 raise ValueError(f"{name}: cannot concatenate {shape} and {tuple(other)}")
         out = (sum(s[0] for s in input_shapes), *rest)
         known = [f for f in fields if f is not None]
-        rf_jump = None if not known else (
-            (max(f[0][0] for f in known), max(f[0][1] for f in known)), known[0][1])
+        rf_jump = None if not known else ((max(f[0][0] for f in known), max(f[0][1] for f in known)), known[0][1])
     elif isinstance(spec, Flatten):
         out = (math.prod(shape),)
         rf_jump = None
@@ -273,10 +283,19 @@ def layer_row(name: str, spec: Spec, input_shapes: Sequence[tuple[int, ...]],
     else:  # pragma: no cover - the Spec union is closed
         raise TypeError(f"unknown layer spec {spec!r}")
     row = LayerRow(
-        name=name, kind=spec.kind, op=op, input_shape=shape, output_shape=tuple(out),
-        params=params, weights=weights, macs=macs, activations=math.prod(out),
-        receptive_field=rf_jump[0] if rf_jump else None, jump=rf_jump[1] if rf_jump else None,
-        detail=_describe(spec))
+        name=name,
+        kind=spec.kind,
+        op=op,
+        input_shape=shape,
+        output_shape=tuple(out),
+        params=params,
+        weights=weights,
+        macs=macs,
+        activations=math.prod(out),
+        receptive_field=rf_jump[0] if rf_jump else None,
+        jump=rf_jump[1] if rf_jump else None,
+        detail=_describe(spec),
+    )
     return row, rf_jump
 
 
@@ -300,8 +319,9 @@ def analyze(nodes: Sequence[Node], input_shape: Sequence[int]) -> Table:
         missing = [i for i in node.inputs if i not in shapes]
         if missing:
             raise ValueError(f"{node.name}: reads {missing}, which no earlier layer produced")
-        row, rf_jump = layer_row(node.name, node.spec, [shapes[i] for i in node.inputs],
-                                 [fields[i] for i in node.inputs])
+        row, rf_jump = layer_row(
+            node.name, node.spec, [shapes[i] for i in node.inputs], [fields[i] for i in node.inputs]
+        )
         shapes[node.name] = row.output_shape
         fields[node.name] = rf_jump
         rows.append(row)
@@ -331,6 +351,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 
 # ---- readable output ---------------------------------------------------------------------------
 
+
 def _fmt_shape(shape) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -356,8 +377,10 @@ def format_table(table: Table, *, title: str = "", show_all: bool = False) -> st
         rf = f"{r.receptive_field[0]}" if r.receptive_field else "-"
         jump = f"{r.jump[0]}" if r.jump else "-"
         op = r.detail or r.op
-        lines.append(f"{r.name:<22} {op[:16]:<16} {_fmt_shape(r.output_shape):>14} {r.params:>12,} "
-                     f"{_human(r.macs):>10} {rf:>7} {jump:>5}")
+        lines.append(
+            f"{r.name:<22} {op[:16]:<16} {_fmt_shape(r.output_shape):>14} {r.params:>12,} "
+            f"{_human(r.macs):>10} {rf:>7} {jump:>5}"
+        )
     lines.append("-" * len(header))
     lines.append(f"{'total':<22} {'':<16} {'':>14} {table.total_params:>12,} {_human(table.total_macs):>10}")
     conv_p, conv_m = table.share("conv")
@@ -368,6 +391,7 @@ def format_table(table: Table, *, title: str = "", show_all: bool = False) -> st
 
 
 # ---- ONNX frontend -----------------------------------------------------------------------------
+
 
 class NotOnnxError(ValueError):
     pass
@@ -412,8 +436,7 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
             return None
         return tuple(values[1:])
 
-    value_shapes = {vi.name: static_shape(vi) for vi in
-                    list(graph.value_info) + list(graph.output) + list(graph.input)}
+    value_shapes = {vi.name: static_shape(vi) for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
     real_inputs = [i for i in graph.input if i.name not in initializers]
     if len(real_inputs) != 1:
         raise NotOnnxError(f"{path}: expects one image input, found {[i.name for i in real_inputs]}")
@@ -425,9 +448,9 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
     def attrs(node) -> dict:
         return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
-    produced = {input_name: "input"}   # tensor name -> node name in our graph
+    produced = {input_name: "input"}  # tensor name -> node name in our graph
     nodes: list[Node] = []
-    last_matmul: dict[str, int] = {}   # tensor -> index in nodes of the MatMul that produced it
+    last_matmul: dict[str, int] = {}  # tensor -> index in nodes of the MatMul that produced it
 
     def source(tensor: str) -> str | None:
         return produced.get(tensor)
@@ -436,7 +459,7 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
         data_inputs = [t for t in node.input if t and t not in initializers and t not in constants]
         sources = [source(t) for t in data_inputs]
         if not data_inputs or any(s is None for s in sources):
-            continue   # shape arithmetic on constants, not a layer of the network
+            continue  # shape arithmetic on constants, not a layer of the network
         a = attrs(node)
         name = node.name or f"{node.op_type}_{index}"
         spec: Spec | None = None
@@ -450,14 +473,26 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
             if pads[0] != pads[2] or pads[1] != pads[3]:
                 raise NotOnnxError(f"{path}: Conv {name} has asymmetric padding {pads}")
             group = a.get("group", 1)
-            spec = Conv2d(w[1] * group, w[0], pair(kernel), pair(a.get("strides", [1, 1])),
-                          (pads[0], pads[1]), pair(a.get("dilations", [1, 1])), group,
-                          bias=len(node.input) > 2 and bool(node.input[2]))
+            spec = Conv2d(
+                w[1] * group,
+                w[0],
+                pair(kernel),
+                pair(a.get("strides", [1, 1])),
+                (pads[0], pads[1]),
+                pair(a.get("dilations", [1, 1])),
+                group,
+                bias=len(node.input) > 2 and bool(node.input[2]),
+            )
         elif op in ("MaxPool", "AveragePool") and len(a.get("kernel_shape", ())) == 2:
             pads = a.get("pads", [0, 0, 0, 0])
-            spec = Pool2d("max" if op == "MaxPool" else "avg", pair(a["kernel_shape"]),
-                          pair(a.get("strides", [1, 1])), (pads[0], pads[1]),
-                          pair(a.get("dilations", [1, 1])), bool(a.get("ceil_mode", 0)))
+            spec = Pool2d(
+                "max" if op == "MaxPool" else "avg",
+                pair(a["kernel_shape"]),
+                pair(a.get("strides", [1, 1])),
+                (pads[0], pads[1]),
+                pair(a.get("dilations", [1, 1])),
+                bool(a.get("ceil_mode", 0)),
+            )
         elif op == "GlobalAveragePool":
             spec = AdaptiveAvgPool2d((1, 1))
         elif op == "Gemm":
@@ -474,8 +509,7 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
             # MatMul then Add(bias): one fully connected layer
             position = last_matmul[node.input[0]]
             fc = nodes[position]
-            nodes[position] = Node(fc.name, Linear(fc.spec.in_features, fc.spec.out_features, bias=True),
-                                   fc.inputs)
+            nodes[position] = Node(fc.name, Linear(fc.spec.in_features, fc.spec.out_features, bias=True), fc.inputs)
             produced[node.output[0]] = fc.name
             continue
         elif op == "Concat":
@@ -487,8 +521,9 @@ def from_onnx(path: str) -> tuple[list[Node], tuple[int, ...]]:
             if out_shape is None:
                 raise NotOnnxError(f"{path}: shape inference gives no shape for {op} {name}")
             # constants of other ops (pads, shapes, scales) are not learned weights
-            params = sum(math.prod(initializers[t]) for t in node.input
-                         if t in initializers) if op in _WEIGHTED_OPS else 0
+            params = (
+                sum(math.prod(initializers[t]) for t in node.input if t in initializers) if op in _WEIGHTED_OPS else 0
+            )
             spec = Opaque(op, out_shape, params)
         nodes.append(Node(name, spec, tuple(sources)))
         produced[node.output[0]] = name

@@ -24,7 +24,7 @@ _CONCATS = {torch.cat, torch.concat, "cat"}
 def _row_name(target: str) -> str:
     for prefix in ("features.", "classifier.", "avgpool"):
         if target.startswith(prefix) and target != prefix:
-            return target[len(prefix):] if prefix.endswith(".") else target
+            return target[len(prefix) :] if prefix.endswith(".") else target
     return target
 
 
@@ -32,14 +32,27 @@ def _spec(module: nn.Module) -> ar.Spec | None:
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str):
             raise ValueError(f"padding={module.padding!r} is not supported; give it in pixels")
-        return ar.Conv2d(module.in_channels, module.out_channels, ar.pair(module.kernel_size),
-                         ar.pair(module.stride), ar.pair(module.padding), ar.pair(module.dilation),
-                         module.groups, module.bias is not None)
+        return ar.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            ar.pair(module.kernel_size),
+            ar.pair(module.stride),
+            ar.pair(module.padding),
+            ar.pair(module.dilation),
+            module.groups,
+            module.bias is not None,
+        )
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         stride = module.stride if module.stride is not None else module.kernel_size
         dilation = getattr(module, "dilation", 1)
-        return ar.Pool2d("max" if isinstance(module, nn.MaxPool2d) else "avg", ar.pair(module.kernel_size),
-                         ar.pair(stride), ar.pair(module.padding), ar.pair(dilation), bool(module.ceil_mode))
+        return ar.Pool2d(
+            "max" if isinstance(module, nn.MaxPool2d) else "avg",
+            ar.pair(module.kernel_size),
+            ar.pair(stride),
+            ar.pair(module.padding),
+            ar.pair(dilation),
+            bool(module.ceil_mode),
+        )
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return ar.AdaptiveAvgPool2d(ar.pair(module.output_size))
     if isinstance(module, nn.Linear):

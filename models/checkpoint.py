@@ -37,27 +37,35 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.M
 @dataclass
 class Checkpoint:
     config: TrainConfig
-    epoch: int                           # epochs completed
-    history: list[dict]                  # one metrics record per epoch
+    epoch: int  # epochs completed
+    history: list[dict]  # one metrics record per epoch
     labels: list[str]
-    preprocess: PreprocessSpec           # with the training split's mean and std
-    split: dict                          # {"train": N, "test": M}
-    model: dict                          # state_dict
-    samples: Optional[torch.Tensor] = None   # (n, C, H, W) real test inputs, for the export's parity check
+    preprocess: PreprocessSpec  # with the training split's mean and std
+    split: dict  # {"train": N, "test": M}
+    model: dict  # state_dict
+    samples: Optional[torch.Tensor] = None  # (n, C, H, W) real test inputs, for the export's parity check
     # what a resumed run needs to continue exactly as an uninterrupted one
-    training_state: dict = field(default_factory=dict)   # optimizer, scheduler, generators, torch_rng
+    training_state: dict = field(default_factory=dict)  # optimizer, scheduler, generators, torch_rng
 
     def save(self, path: str) -> None:
         """Write atomically: a run killed while saving leaves the previous checkpoint whole."""
-        record = {**self.training_state, "config": asdict(self.config), "epoch": self.epoch,
-                  "history": self.history, "labels": self.labels, "preprocess": self.preprocess.to_dict(),
-                  "split": self.split, "model": self.model, "samples": self.samples}
+        record = {
+            **self.training_state,
+            "config": asdict(self.config),
+            "epoch": self.epoch,
+            "history": self.history,
+            "labels": self.labels,
+            "preprocess": self.preprocess.to_dict(),
+            "split": self.split,
+            "model": self.model,
+            "samples": self.samples,
+        }
         tmp = path + ".tmp"
         torch.save(record, tmp)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str, map_location: str | torch.device = "cpu") -> "Checkpoint":
+    def load(cls, path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
         try:
             record = torch.load(path, map_location=map_location, weights_only=False)
         except FileNotFoundError:
@@ -65,11 +73,17 @@ class Checkpoint:
         except Exception:
             raise CheckpointError(f"{path} is not a convserve checkpoint (unreadable)") from None
         try:
-            return cls(config=TrainConfig.from_dict(record["config"]), epoch=int(record["epoch"]),
-                       history=list(record["history"]), labels=list(record["labels"]),
-                       preprocess=PreprocessSpec.from_dict(record["preprocess"]), split=dict(record["split"]),
-                       model=record["model"], samples=record.get("samples"),
-                       training_state={k: record[k] for k in _TRAINING_STATE if k in record})
+            return cls(
+                config=TrainConfig.from_dict(record["config"]),
+                epoch=int(record["epoch"]),
+                history=list(record["history"]),
+                labels=list(record["labels"]),
+                preprocess=PreprocessSpec.from_dict(record["preprocess"]),
+                split=dict(record["split"]),
+                model=record["model"],
+                samples=record.get("samples"),
+                training_state={k: record[k] for k in _TRAINING_STATE if k in record},
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a convserve checkpoint (missing {exc})") from None
 

@@ -23,7 +23,9 @@ class TrainConfig:
     # data
     dataset: str = _opt("digits", "digits (built in), imagefolder:PATH, cifar10:PATH, mnist:PATH or fashion-mnist:PATH")
     image_size: Optional[int] = _opt(None, "square input side (default: the arch's own, 32 for alexnet_small)")
-    augment: Optional[bool] = _opt(None, "random crop (padding 4) + flip (default: off for digits and MNIST, on otherwise)")
+    augment: Optional[bool] = _opt(
+        None, "random crop (padding 4) + flip (default: off for digits and MNIST, on otherwise)"
+    )
     test_fraction: float = _opt(0.2, "test share for sources without their own test split")
     # model
     arch: str = _opt("alexnet_small", "zoo model")
@@ -48,7 +50,7 @@ class TrainConfig:
         """'cifar10:data/cifar' -> 'cifar10': the default model name in the repository."""
         return self.dataset.partition(":")[0].replace("-", "_")
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         """Raise TrainError for settings no run can start with."""
         if self.epochs < 1:
             raise TrainError("--epochs must be at least 1")
@@ -59,7 +61,7 @@ class TrainConfig:
         return self
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         """From a checkpoint's stored config; keys this version does not know are left out."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -19,8 +19,18 @@ from PIL import Image, UnidentifiedImageError
 from convserve.contract import PreprocessSpec, normalize, resize_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                  "bag", "ankle boot"]
+FASHION_LABELS = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 DATASET_KINDS = ("digits", "imagefolder", "cifar10", "mnist", "fashion-mnist")
 
 
@@ -30,16 +40,16 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    name: str                    # the --dataset argument
+    name: str  # the --dataset argument
     labels: list[str]
-    train_images: np.ndarray     # uint8 (N, H, W, C)
-    train_labels: np.ndarray     # int64 (N,)
+    train_images: np.ndarray  # uint8 (N, H, W, C)
+    train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray
     test_labels: np.ndarray
-    spec: PreprocessSpec         # with the training split's mean and std
+    spec: PreprocessSpec  # with the training split's mean and std
 
     def train_inputs(self) -> np.ndarray:
-        return normalize(self.train_images, self.spec)   # float32 (N, C, H, W)
+        return normalize(self.train_images, self.spec)  # float32 (N, C, H, W)
 
     def test_inputs(self) -> np.ndarray:
         return normalize(self.test_images, self.spec)
@@ -48,20 +58,28 @@ class Dataset:
 def seeded_split(count: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (train, test): a fixed permutation for a given seed, stratification left aside."""
     order = np.random.default_rng(seed).permutation(count)
-    n_test = max(1, int(round(count * test_fraction)))
+    n_test = max(1, round(count * test_fraction))
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def load_dataset(spec: str, *, size: tuple[int, int] = (32, 32), channels: int | None = None,
-                 seed: int = 0, test_fraction: float = 0.2, resize: str = "bilinear") -> Dataset:
+def load_dataset(
+    spec: str,
+    *,
+    size: tuple[int, int] = (32, 32),
+    channels: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    resize: str = "bilinear",
+) -> Dataset:
     """Read `digits`, `imagefolder:PATH`, `cifar10:PATH`, `mnist:PATH` or `fashion-mnist:PATH`.
 
     `size` is (H, W) of the model input; `channels` forces 1 or 3 (default: the source's own).
     """
     kind, _, path = spec.partition(":")
     if kind not in DATASET_KINDS:
-        raise DataError(f"unknown dataset {spec!r}; use digits, imagefolder:PATH, cifar10:PATH, "
-                        "mnist:PATH or fashion-mnist:PATH")
+        raise DataError(
+            f"unknown dataset {spec!r}; use digits, imagefolder:PATH, cifar10:PATH, mnist:PATH or fashion-mnist:PATH"
+        )
     if kind != "digits":
         if not path:
             raise DataError(f"{kind} needs a folder: --dataset {kind}:PATH")
@@ -87,8 +105,9 @@ def load_dataset(spec: str, *, size: tuple[int, int] = (32, 32), channels: int |
     mean = tuple(float(m) for m in scaled.mean(axis=(0, 1, 2)))
     std = tuple(float(max(s, 1e-6)) for s in scaled.std(axis=(0, 1, 2)))
     final = PreprocessSpec(size[0], size[1], channels, resize, mean, std)
-    return Dataset(spec, labels, train, np.asarray(y_train, dtype=np.int64), test,
-                   np.asarray(y_test, dtype=np.int64), final)
+    return Dataset(
+        spec, labels, train, np.asarray(y_train, dtype=np.int64), test, np.asarray(y_test, dtype=np.int64), final
+    )
 
 
 def _channels_of(images) -> int:
@@ -125,8 +144,11 @@ def _image_folder(path: str, seed: int, test_fraction: float):
         images, labels = [], []
         for index, cls in enumerate(classes):
             folder = os.path.join(root, cls)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) \
-                if os.path.isdir(folder) else []
+            files = (
+                sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+                if os.path.isdir(folder)
+                else []
+            )
             if not files:
                 raise DataError(f"class folder {folder!r} has no images")
             for name in files:
@@ -151,12 +173,17 @@ def _image_folder(path: str, seed: int, test_fraction: float):
         raise DataError(f"{path!r} has no class folders (expected one sub-folder of images per class)")
     images, labels = read_split(path, classes)
     train, test = seeded_split(len(images), test_fraction, seed)
-    return (classes, ([images[i] for i in train], [labels[i] for i in train]),
-            ([images[i] for i in test], [labels[i] for i in test]))
+    return (
+        classes,
+        ([images[i] for i in train], [labels[i] for i in train]),
+        ([images[i] for i in test], [labels[i] for i in test]),
+    )
 
 
 def _cifar10(path: str):
-    root = os.path.join(path, "cifar-10-batches-py") if os.path.isdir(os.path.join(path, "cifar-10-batches-py")) else path
+    root = (
+        os.path.join(path, "cifar-10-batches-py") if os.path.isdir(os.path.join(path, "cifar-10-batches-py")) else path
+    )
 
     def read_batch(name: str):
         file = os.path.join(root, name)

@@ -44,7 +44,7 @@ class _WithFeatureMaps(nn.Module):
         self.model = model
         self.taps = list(model.feature_taps)
 
-    def forward(self, input: torch.Tensor):  # noqa: A002 - the ONNX input is called "input"
+    def forward(self, input: torch.Tensor):
         logits, maps = self.model.forward_with_feature_maps(input)
         return (logits, torch.softmax(logits, dim=1), *[maps[t] for t in self.taps])
 
@@ -63,16 +63,24 @@ def to_onnx_bytes(model: ZooCNN, input_shape: tuple[int, int, int]) -> bytes:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(
-            wrapper, (example,), path, dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=[INPUT_NAME], output_names=output_names(model),
+            wrapper,
+            (example,),
+            path,
+            dynamo=True,
+            opset_version=OPSET,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=output_names(model),
             dynamic_shapes={"input": {0: torch.export.Dim("batch", min=1, max=1 << 16)}},
-            verbose=False)
+            verbose=False,
+        )
         with open(path, "rb") as handle:
             return handle.read()
 
 
-def check_parity(model: ZooCNN, onnx_bytes: bytes, input_shape: tuple[int, int, int],
-                 real_inputs: np.ndarray | None, seed: int = 0) -> dict[str, float]:
+def check_parity(
+    model: ZooCNN, onnx_bytes: bytes, input_shape: tuple[int, int, int], real_inputs: np.ndarray | None, seed: int = 0
+) -> dict[str, float]:
     """onnx.checker, then onnxruntime (CPU) against PyTorch for every output; raises ExportError.
 
     Returns the largest absolute difference seen per output.
@@ -106,14 +114,16 @@ def check_parity(model: ZooCNN, onnx_bytes: bytes, input_shape: tuple[int, int, 
                 diff = float(np.max(np.abs(e - g))) if e.size else 0.0
                 worst[name] = max(worst[name], diff)
                 if diff > ATOL:
-                    raise ExportError(f"output {name} differs from PyTorch by {diff:.3g} (> {ATOL}) "
-                                      f"at batch {batch} on {kind} inputs")
+                    raise ExportError(
+                        f"output {name} differs from PyTorch by {diff:.3g} (> {ATOL}) at batch {batch} on {kind} inputs"
+                    )
     return worst
 
 
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
@@ -121,8 +131,16 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def export_model(model: ZooCNN, *, repository: str, name: str, labels: list[str], preprocess: PreprocessSpec,
-                 training: dict, real_inputs: np.ndarray | None = None) -> str:
+def export_model(
+    model: ZooCNN,
+    *,
+    repository: str,
+    name: str,
+    labels: list[str],
+    preprocess: PreprocessSpec,
+    training: dict,
+    real_inputs: np.ndarray | None = None,
+) -> str:
     """Export, check and write `model` as the next version of `name`; returns the version folder."""
     input_shape = preprocess.input_shape
     model = model.eval()
@@ -130,18 +148,36 @@ def export_model(model: ZooCNN, *, repository: str, name: str, labels: list[str]
     worst = check_parity(model, onnx_bytes, input_shape, real_inputs)
     with torch.no_grad():
         _, maps = model.forward_with_feature_maps(torch.zeros(1, *input_shape))
-    feature_maps = [{"name": tap, "layer": f"features.{child}", "shape": [-1, *maps[tap].shape[1:]]}
-                    for tap, child in model.feature_taps.items()]
-    outputs = [TensorSpec("logits", "FP32", (-1, len(labels))), TensorSpec("probabilities", "FP32", (-1, len(labels))),
-               *[TensorSpec(f["name"], "FP32", tuple(f["shape"])) for f in feature_maps]]
+    feature_maps = [
+        {"name": tap, "layer": f"features.{child}", "shape": [-1, *maps[tap].shape[1:]]}
+        for tap, child in model.feature_taps.items()
+    ]
+    outputs = [
+        TensorSpec("logits", "FP32", (-1, len(labels))),
+        TensorSpec("probabilities", "FP32", (-1, len(labels))),
+        *[TensorSpec(f["name"], "FP32", tuple(f["shape"])) for f in feature_maps],
+    ]
     card = ModelCard(
-        name=name, version=0, labels=labels, preprocess=preprocess, outputs=outputs, feature_maps=feature_maps,
-        sha256=hashlib.sha256(onnx_bytes).hexdigest(), onnx_bytes=len(onnx_bytes),
-        arithmetic=analyze_module(model, input_shape).to_dict(), training=training,
-        export={"opset": OPSET, "parity_max_abs_diff": worst, "parity_batches": list(PARITY_BATCHES),
-                "date": _now(), "versions": _versions()})
+        name=name,
+        version=0,
+        labels=labels,
+        preprocess=preprocess,
+        outputs=outputs,
+        feature_maps=feature_maps,
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        onnx_bytes=len(onnx_bytes),
+        arithmetic=analyze_module(model, input_shape).to_dict(),
+        training=training,
+        export={
+            "opset": OPSET,
+            "parity_max_abs_diff": worst,
+            "parity_batches": list(PARITY_BATCHES),
+            "date": _now(),
+            "versions": _versions(),
+        },
+    )
 
-    def card_json(version: int) -> bytes:   # the card records the version the writer claims
+    def card_json(version: int) -> bytes:  # the card records the version the writer claims
         card.version = version
         return card.to_json()
 
@@ -158,29 +194,67 @@ def export_checkpoint(checkpoint: str, *, repository: str, name: str | None = No
         raise ExportError(str(exc)) from None
     config, last = state.config, state.history[-1]
     training = {
-        "dataset": config.dataset, "arch": config.arch, "width_mult": config.width_mult,
-        "split": state.split, "epochs": state.epoch, "test_accuracy": last["test_accuracy"],
-        "test_loss": last["test_loss"], "train_accuracy": last["train_accuracy"], "seed": config.seed,
-        "optimizer": config.optimizer, "lr": config.lr, "batch_size": config.batch_size,
-        "date": _now(), "versions": _versions(),
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "width_mult": config.width_mult,
+        "split": state.split,
+        "epochs": state.epoch,
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "seed": config.seed,
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "date": _now(),
+        "versions": _versions(),
     }
-    return export_model(model, repository=repository, name=name or config.dataset_kind(), labels=state.labels,
-                        preprocess=state.preprocess, training=training,
-                        real_inputs=state.samples.numpy() if state.samples is not None else None)
+    return export_model(
+        model,
+        repository=repository,
+        name=name or config.dataset_kind(),
+        labels=state.labels,
+        preprocess=state.preprocess,
+        training=training,
+        real_inputs=state.samples.numpy() if state.samples is not None else None,
+    )
 
 
-def export_random_init(arch: str, *, repository: str, name: str, num_classes: int = 10,
-                       input_shape: tuple[int, int, int] | None = None, seed: int = 0, **kwargs) -> str:
+def export_random_init(
+    arch: str,
+    *,
+    repository: str,
+    name: str,
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> str:
     """An untrained zoo model (for benchmarks and arithmetic); labels class_0 ... class_{K-1}."""
     torch.manual_seed(seed)
     try:
-        model = get_model(arch, num_classes=num_classes,
-                          **({"in_channels": input_shape[0]} if input_shape else {}), **kwargs)
+        model = get_model(
+            arch, num_classes=num_classes, **({"in_channels": input_shape[0]} if input_shape else {}), **kwargs
+        )
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     channels, height, width = input_shape or model.default_input
     preprocess = PreprocessSpec(height, width, channels, "bilinear", (0.5,) * channels, (0.25,) * channels)
-    training = {"dataset": None, "arch": arch, "random_init": True, "seed": seed, "epochs": 0,
-                "test_accuracy": None, "date": _now(), "versions": _versions()}
-    return export_model(model, repository=repository, name=name, labels=[f"class_{i}" for i in range(num_classes)],
-                        preprocess=preprocess, training=training)
+    training = {
+        "dataset": None,
+        "arch": arch,
+        "random_init": True,
+        "seed": seed,
+        "epochs": 0,
+        "test_accuracy": None,
+        "date": _now(),
+        "versions": _versions(),
+    }
+    return export_model(
+        model,
+        repository=repository,
+        name=name,
+        labels=[f"class_{i}" for i in range(num_classes)],
+        preprocess=preprocess,
+        training=training,
+    )

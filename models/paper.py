@@ -11,17 +11,17 @@ from dataclasses import dataclass
 
 from .arithmetic import Table
 
-PARAM_UNIT = 1024       # the paper's "K"
-OPS_UNIT = 10**6        # the paper's "M"
-TOLERANCE = 0.05        # rows further off than this are marked
+PARAM_UNIT = 1024  # the paper's "K"
+OPS_UNIT = 10**6  # the paper's "M"
+TOLERANCE = 0.05  # rows further off than this are marked
 
 
 @dataclass(frozen=True)
 class PaperRow:
-    label: str               # the paper's "type" column
-    prefix: str              # which of our rows it covers: names equal to it or starting with it + "."
-    params_k: float | None   # as printed, in K
-    ops_m: float | None      # as printed, in M
+    label: str  # the paper's "type" column
+    prefix: str  # which of our rows it covers: names equal to it or starting with it + "."
+    params_k: float | None  # as printed, in K
+    ops_m: float | None  # as printed, in M
 
 
 # Only the rows that carry parameters or operations; pooling, dropout and softmax have none.
@@ -74,20 +74,30 @@ def compare(table: Table) -> list[Comparison]:
         covered = [r for r in table.layers if r.kind in ("conv", "fc") and _covers(paper.prefix, r.name)]
         if not covered:
             raise ValueError(f"no computed rows for the paper's {paper.label!r}")
-        rows.append(Comparison(
-            paper.label, paper.params_k, sum(r.weights for r in covered) / PARAM_UNIT,
-            paper.ops_m, sum(r.macs for r in covered) / OPS_UNIT))
+        rows.append(
+            Comparison(
+                paper.label,
+                paper.params_k,
+                sum(r.weights for r in covered) / PARAM_UNIT,
+                paper.ops_m,
+                sum(r.macs for r in covered) / OPS_UNIT,
+            )
+        )
     return rows
 
 
 def format_comparison(rows: list[Comparison]) -> str:
-    lines = [f"{'GoogLeNet Table 1 row':<38} {'params (K=1024)':>22} {'ops (M MACs)':>22}",
-             f"{'':<38} {'paper':>10} {'computed':>11} {'paper':>10} {'computed':>11}",
-             "-" * 84]
+    lines = [
+        f"{'GoogLeNet Table 1 row':<38} {'params (K=1024)':>22} {'ops (M MACs)':>22}",
+        f"{'':<38} {'paper':>10} {'computed':>11} {'paper':>10} {'computed':>11}",
+        "-" * 84,
+    ]
     for r in rows:
         mark = "  <- differs > 5%" if r.marked else ""
-        lines.append(f"{r.label:<38} {r.paper_params_k:>10g} {r.computed_params_k:>11.1f} "
-                     f"{r.paper_ops_m:>10g} {r.computed_ops_m:>11.1f}{mark}")
+        lines.append(
+            f"{r.label:<38} {r.paper_params_k:>10g} {r.computed_params_k:>11.1f} "
+            f"{r.paper_ops_m:>10g} {r.computed_ops_m:>11.1f}{mark}"
+        )
     lines.append("-" * 84)
     lines.append("paper: weights only (no biases), K = 1024; ops = multiply-accumulates per image, M = 10^6")
     return "\n".join(lines)

@@ -34,8 +34,8 @@ def write_version(repository: str, name: str, files: dict[str, bytes]) -> tuple[
     os.makedirs(model_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=repository)
     try:
-        os.chmod(staging, 0o755)   # mkdtemp's 0700 would hide the version from a server run as another user
-        for attempt in range(100):
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the version from a server run as another user
+        for _attempt in range(100):
             version = (versions(model_dir) or [0])[-1] + 1
             for filename, content in files.items():
                 data = content(version) if callable(content) else content
@@ -46,7 +46,7 @@ def write_version(repository: str, name: str, files: dict[str, bytes]) -> tuple[
             _fsync_dir(staging)
             target = os.path.join(model_dir, str(version))
             try:
-                os.rename(staging, target)   # atomic; fails if another writer took this version
+                os.rename(staging, target)  # atomic; fails if another writer took this version
             except OSError:
                 if os.path.exists(target):
                     continue

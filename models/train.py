@@ -40,14 +40,15 @@ class TrainResult:
     test_loss: float
     epochs_run: int
     seconds: float
-    checkpoint: str                    # the last epoch's checkpoint.pt
+    checkpoint: str  # the last epoch's checkpoint.pt
     labels: list[str]
     preprocess: PreprocessSpec
     history: list = field(default_factory=list)
-    rank: int = 0                      # this process's rank under torchrun; rank 0 wrote the files
+    rank: int = 0  # this process's rank under torchrun; rank 0 wrote the files
 
 
 # ---- distributed helpers -----------------------------------------------------------------------
+
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun, (0, 1) otherwise."""
@@ -69,6 +70,7 @@ def _pick_device(choice: str) -> torch.device:
 
 # ---- small helpers -----------------------------------------------------------------------------
 
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -86,20 +88,21 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4)
     flip = torch.rand(b, generator=generator) < 0.5
     out = torch.empty_like(x)
     for i in range(b):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
         out[i] = crop.flip(-1) if flip[i] else crop
     return out
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             batch_size: int = 256) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256
+) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) over a whole split. inputs: (N, C, H, W) float32."""
     model.eval()
     correct, loss_sum = 0, 0.0
     for start in range(0, len(inputs), batch_size):
-        x = inputs[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
+        x = inputs[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
         logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -116,6 +119,7 @@ def default_image_size(arch: str) -> int:
 def plot_curves(history: list[dict], path: str) -> None:
     """Loss and accuracy per epoch, train and test, as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -134,6 +138,7 @@ def plot_curves(history: list[dict], path: str) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------
 
+
 def train(config: TrainConfig) -> TrainResult:
     """Train per `config`; rank 0 writes a checkpoint every epoch, metrics.jsonl and curves.png."""
     config.check()
@@ -149,33 +154,45 @@ def train(config: TrainConfig) -> TrainResult:
 
     image_size = config.image_size or default_image_size(config.arch)
     try:
-        data = load_dataset(config.dataset, size=(image_size, image_size), seed=config.seed,
-                            test_fraction=config.test_fraction)
+        data = load_dataset(
+            config.dataset, size=(image_size, image_size), seed=config.seed, test_fraction=config.test_fraction
+        )
     except DataError as exc:
         raise TrainError(str(exc)) from None
     augment = config.augment if config.augment is not None else not config.dataset.startswith(("digits", "mnist"))
 
-    train_x = torch.from_numpy(data.train_inputs())   # (N, C, H, W)
+    train_x = torch.from_numpy(data.train_inputs())  # (N, C, H, W)
     train_y = torch.from_numpy(data.train_labels)
     test_x = torch.from_numpy(data.test_inputs())
     test_y = torch.from_numpy(data.test_labels)
 
     model = build_model(config, data.spec.channels, len(data.labels)).to(device)
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-                 if config.optimizer == "adamw" else
-                 torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                 weight_decay=config.weight_decay))
+    optimizer = (
+        torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "adamw"
+        else torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    )
     dataset = TensorDataset(train_x, train_y)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed) \
-        if world > 1 else None
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+        if world > 1
+        else None
+    )
     loader_generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=loader_generator, drop_last=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=loader_generator,
+        drop_last=False,
+    )
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     os.makedirs(config.output, exist_ok=True)
@@ -193,11 +210,11 @@ def train(config: TrainConfig) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         loader_generator.set_state(state["loader_generator"])
         augment_state = state["augment_generator"]
-        torch.set_rng_state(state["torch_rng"])   # dropout draws from the global generator
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         history = previous.history
         start_epoch = previous.epoch + 1
     elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)   # a fresh run starts a fresh metrics file
+        os.remove(metrics_path)  # a fresh run starts a fresh metrics file
 
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     augment_generator = torch.Generator().manual_seed(config.seed + 1000 * rank)
@@ -214,7 +231,7 @@ def train(config: TrainConfig) -> TrainResult:
             if augment:
                 x = augment_batch(x, augment_generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)                                    # (B, K)
+            logits = net(x)  # (B, K)
             loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,30 +241,62 @@ def train(config: TrainConfig) -> TrainResult:
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             if show_progress:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / max(time.monotonic() - epoch_start, 1e-9):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{correct / seen:.3f}",
+                    img_s=f"{seen / max(time.monotonic() - epoch_start, 1e-9):.0f}",
+                )
         test_accuracy, test_loss = evaluate(model, test_x, test_y, device)
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                  "test_loss": test_loss, "test_accuracy": test_accuracy, "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.monotonic() - epoch_start, "images_per_second": seen * world / max(time.monotonic() - epoch_start, 1e-9)}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.monotonic() - epoch_start,
+            "images_per_second": seen * world / max(time.monotonic() - epoch_start, 1e-9),
+        }
         history.append(record)
         if rank == 0:
-            print(f"epoch {epoch}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
-                  f"  test loss {test_loss:.4f} acc {test_accuracy:.4f}  {record['images_per_second']:.0f} img/s",
-                  flush=True)
+            print(
+                f"epoch {epoch}/{config.epochs}  train loss {record['train_loss']:.4f}"
+                f" acc {record['train_accuracy']:.4f}"
+                f"  test loss {test_loss:.4f} acc {test_accuracy:.4f}  {record['images_per_second']:.0f} img/s",
+                flush=True,
+            )
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            Checkpoint(config=config, epoch=epoch, history=history, labels=data.labels, preprocess=data.spec,
-                       split={"train": len(train_x), "test": len(test_x)}, model=model.state_dict(),
-                       # a few real inputs, so the export's parity check runs on real data
-                       samples=test_x[:8].clone(),
-                       training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "loader_generator": loader_generator.get_state(),
-                                       "augment_generator": augment_generator.get_state(),
-                                       "torch_rng": torch.get_rng_state()}).save(checkpoint_path)
-    result = TrainResult(config, history[-1]["test_accuracy"], history[-1]["test_loss"], len(history),
-                         time.monotonic() - started, checkpoint_path, data.labels, data.spec, history=history,
-                         rank=rank)
+            Checkpoint(
+                config=config,
+                epoch=epoch,
+                history=history,
+                labels=data.labels,
+                preprocess=data.spec,
+                split={"train": len(train_x), "test": len(test_x)},
+                model=model.state_dict(),
+                # a few real inputs, so the export's parity check runs on real data
+                samples=test_x[:8].clone(),
+                training_state={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "loader_generator": loader_generator.get_state(),
+                    "augment_generator": augment_generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            ).save(checkpoint_path)
+    result = TrainResult(
+        config,
+        history[-1]["test_accuracy"],
+        history[-1]["test_loss"],
+        len(history),
+        time.monotonic() - started,
+        checkpoint_path,
+        data.labels,
+        data.spec,
+        history=history,
+        rank=rank,
+    )
     if rank == 0:
         plot_curves(history, os.path.join(config.output, "curves.png"))
     if world > 1:
@@ -260,4 +309,5 @@ def _progress(loader, epoch: int, epochs: int, show: bool):
     if not show:
         return loader
     from tqdm import tqdm
+
     return tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -9,10 +9,12 @@ import grpc
 
 from .observe import Outcome, Recorder
 
-_HANDLER_KINDS = {"unary_unary": grpc.unary_unary_rpc_method_handler,
-                  "unary_stream": grpc.unary_stream_rpc_method_handler,
-                  "stream_unary": grpc.stream_unary_rpc_method_handler,
-                  "stream_stream": grpc.stream_stream_rpc_method_handler}
+_HANDLER_KINDS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -23,7 +25,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         method_path = handler_call_details.method
         if method_path.startswith("/grpc.health.v1.Health/"):
-            return await continuation(handler_call_details)   # probes carry no credentials
+            return await continuation(handler_call_details)  # probes carry no credentials
         presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(presented.encode() if isinstance(presented, str) else presented, self._expected):
             return await continuation(handler_call_details)
@@ -43,7 +45,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         for kind, make in _HANDLER_KINDS.items():
             if getattr(handler, kind) is not None:
-                return make(deny_stream if kind.endswith("_stream") else deny,
-                            request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
+                return make(
+                    deny_stream if kind.endswith("_stream") else deny,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         return handler

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -28,10 +30,12 @@ Runner = Callable[[np.ndarray, list[str]], list[np.ndarray]]
 @dataclass
 class Job:
     """One request's share of a batch."""
-    inputs: np.ndarray                 # float32 (n, C, H, W)
-    outputs: frozenset[str]            # the model outputs this request needs
-    deadline: Optional[float] = None   # time.monotonic() after which it must not run
-    future: asyncio.Future = field(default=None)   # type: ignore[assignment]
+
+    inputs: np.ndarray  # float32 (n, C, H, W)
+    outputs: frozenset[str]  # the model outputs this request needs
+    deadline: Optional[float] = None  # time.monotonic() after which it must not run
+    # resolves to its BatchResult; made with the job, so on the event loop that will run it
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_ns: int = 0
 
     @property
@@ -41,23 +45,33 @@ class Job:
 
 @dataclass
 class BatchResult:
-    outputs: dict[str, np.ndarray]     # name -> (n, ...) view into the batch's output
-    queue_ns: int                      # submit -> its batch started
-    compute_ns: int                    # the session run of its batch
-    batch_size: int                    # images in the batch it ran in
+    outputs: dict[str, np.ndarray]  # name -> (n, ...) view into the batch's output
+    queue_ns: int  # submit -> its batch started
+    compute_ns: int  # the session run of its batch
+    batch_size: int  # images in the batch it ran in
 
 
 @dataclass(frozen=True)
 class BatchStats:
     """What one executed batch reports (for statistics and metrics)."""
-    batch_size: int                    # images
-    compute_ns: int                    # the session run
+
+    batch_size: int  # images
+    compute_ns: int  # the session run
 
 
 class Batcher:
-    def __init__(self, runner: Runner, executor: Executor, *, output_order: list[str], max_batch_size: int,
-                 max_queue_delay_s: float, max_queue_size: int, instances: int = 1,
-                 on_batch: Optional[Callable[[BatchStats], None]] = None) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        executor: Executor,
+        *,
+        output_order: list[str],
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        instances: int = 1,
+        on_batch: Optional[Callable[[BatchStats], None]] = None,
+    ) -> None:
         self._runner = runner
         self._executor = executor
         self._order = {name: i for i, name in enumerate(output_order)}
@@ -87,7 +101,6 @@ class Batcher:
         self.check_size(job.size)
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
-        job.future = asyncio.get_running_loop().create_future()
         job.enqueued_ns = time.perf_counter_ns()
         self._queue.append(job)
         self._arrived.set()
@@ -106,10 +119,8 @@ class Batcher:
 
     async def _wait(self, timeout: Optional[float]) -> None:
         self._arrived.clear()
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._arrived.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
 
     async def _work(self) -> None:
         while True:
@@ -131,7 +142,7 @@ class Batcher:
             finally:
                 self._running -= 1
                 if self._queue:
-                    self._arrived.set()   # let an idle worker pick up what arrived meanwhile
+                    self._arrived.set()  # let an idle worker pick up what arrived meanwhile
 
     def _concat_and_run(self, parts: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
         # In the executor thread: a 32-image AlexNet batch is 19 MB to copy, too much for the event loop.
@@ -143,7 +154,7 @@ class Batcher:
         batch, images, now = [], 0, time.monotonic()
         while self._queue:
             job = self._queue[0]
-            if job.future.done():          # cancelled by its client
+            if job.future.done():  # cancelled by its client
                 self._queue.popleft()
                 continue
             if job.deadline is not None and now > job.deadline:
@@ -161,8 +172,9 @@ class Batcher:
         parts = [job.inputs for job in batch]
         started = time.perf_counter_ns()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._concat_and_run,
-                                                                       parts, names)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._concat_and_run, parts, names
+            )
         except Exception as exc:
             for job in batch:
                 if not job.future.done():
@@ -174,7 +186,7 @@ class Batcher:
         for job in batch:
             n = job.size
             if not job.future.done():
-                views = {name: out[offset:offset + n] for name, out in zip(names, outputs) if name in job.outputs}
+                views = {name: out[offset : offset + n] for name, out in zip(names, outputs) if name in job.outputs}
                 job.future.set_result(BatchResult(views, started - job.enqueued_ns, compute_ns, total))
             offset += n
         if self._on_batch is not None:

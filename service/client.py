@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import grpc
 import numpy as np
@@ -15,9 +16,17 @@ from .proto import grpc_service_pb2_grpc as pb_grpc
 from .protocol import output_array
 
 
-def build_request(model: str, *, array: Optional[np.ndarray] = None, images: Optional[list[bytes]] = None,
-                  outputs: Iterable[str] = (), classification: int = 0, fp16: Iterable[str] = (),
-                  version: str = "", request_id: str = "") -> pb.ModelInferRequest:
+def build_request(
+    model: str,
+    *,
+    array: Optional[np.ndarray] = None,
+    images: Optional[list[bytes]] = None,
+    outputs: Iterable[str] = (),
+    classification: int = 0,
+    fp16: Iterable[str] = (),
+    version: str = "",
+    request_id: str = "",
+) -> pb.ModelInferRequest:
     """A ModelInferRequest with raw contents: `array` float32 (N, C, H, W) as `input`, or `images` as `image`."""
     if (array is None) == (images is None):
         raise ValueError("give exactly one of array or images")
@@ -26,7 +35,7 @@ def build_request(model: str, *, array: Optional[np.ndarray] = None, images: Opt
         array = np.ascontiguousarray(array, dtype="<f4")
         request.inputs.add(name="input", datatype="FP32", shape=array.shape)
         request.raw_input_contents.append(array.tobytes())
-    else:
+    elif images is not None:
         request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
         request.raw_input_contents.append(serialize_bytes(images))
     fp16 = set(fp16)
@@ -47,7 +56,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInte
 
     def _details(self, details):
         # grpc hands interceptors a namedtuple of the call's details
-        return details._replace(metadata=list(details.metadata or []) + [self._header])
+        return details._replace(metadata=[*(details.metadata or []), self._header])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -58,14 +67,20 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInte
 
 def open_channel(url: str, token: str = "", max_message_bytes: int = 256 * 1024 * 1024) -> grpc.Channel:
     """An insecure channel to `url`, sending the bearer token when one is given."""
-    channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", max_message_bytes),
-                                                  ("grpc.max_send_message_length", max_message_bytes)])
+    channel = grpc.insecure_channel(
+        url,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
 class Client:
-    def __init__(self, url: str = "127.0.0.1:8001", *, token: str = "",
-                 max_message_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self, url: str = "127.0.0.1:8001", *, token: str = "", max_message_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self.channel = open_channel(url, token, max_message_bytes)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 

@@ -32,7 +32,7 @@ INLINE_BYTES = 64 * 1024
 class DataPlane:
     def __init__(self, registry: Registry, codec_executor: Executor) -> None:
         self.registry = registry
-        self._codec = codec_executor   # image decoding and response tensors
+        self._codec = codec_executor  # image decoding and response tensors
 
     async def infer(self, request: InferRequest, outcome: Outcome, deadline: float | None = None) -> InferResult:
         """Run one request; `deadline` is time.monotonic() seconds (from the gRPC deadline)."""
@@ -50,7 +50,7 @@ class DataPlane:
         try:
             batch: BatchResult = await future
         except asyncio.CancelledError:
-            future.cancel()   # the batcher drops it if it has not run yet
+            future.cancel()  # the batcher drops it if it has not run yet
             raise
         computed = time.perf_counter_ns()
         size = sum(batch.outputs[o.name].nbytes for o in requested)
@@ -58,14 +58,21 @@ class DataPlane:
             tensors, feature_bytes = _response_tensors(model, requested, batch)
         else:
             tensors, feature_bytes = await asyncio.get_running_loop().run_in_executor(
-                self._codec, _response_tensors, model, requested, batch)
+                self._codec, _response_tensors, model, requested, batch
+            )
         done = time.perf_counter_ns()
         outcome.feature_map_bytes = feature_bytes
-        outcome.timings = Timings(queue_ns=batch.queue_ns, preprocess_ns=preprocessed - received,
-                                  compute_ns=batch.compute_ns, postprocess_ns=done - computed,
-                                  server_ns=done - received, batch_size=batch.batch_size)
-        return InferResult(model.name, str(model.version), tensors,
-                           outcome.timings.parameters(model.execution_provider))
+        outcome.timings = Timings(
+            queue_ns=batch.queue_ns,
+            preprocess_ns=preprocessed - received,
+            compute_ns=batch.compute_ns,
+            postprocess_ns=done - computed,
+            server_ns=done - received,
+            batch_size=batch.batch_size,
+        )
+        return InferResult(
+            model.name, str(model.version), tensors, outcome.timings.parameters(model.execution_provider)
+        )
 
     @staticmethod
     def _outputs(model: ModelVersion, requested: list[RequestedOutput]) -> list[RequestedOutput]:
@@ -73,32 +80,36 @@ class DataPlane:
             return [RequestedOutput(name) for name in DEFAULT_OUTPUTS]
         for wanted in requested:
             if wanted.name not in model.outputs:
-                raise InvalidInput(f"model {model.name!r} has no output {wanted.name[:128]!r}; it has "
-                                   f"{', '.join(model.outputs)}")
+                raise InvalidInput(
+                    f"model {model.name!r} has no output {wanted.name[:128]!r}; it has {', '.join(model.outputs)}"
+                )
             if wanted.classification and len(model.outputs[wanted.name].shape) != 2:
                 raise InvalidInput(f"classification applies to logits or probabilities, not {wanted.name!r}")
         return requested
 
     async def _inputs(self, model: ModelVersion, request: InferRequest) -> np.ndarray:
         assert model.batcher is not None
-        model.batcher.check_size(request.batch)   # before any decoding
+        model.batcher.check_size(request.batch)  # before any decoding
         if request.images is not None:
             try:
                 if sum(len(i) for i in request.images) <= INLINE_BYTES:
                     return preprocess_encoded(request.images, model.spec)
                 return await asyncio.get_running_loop().run_in_executor(
-                    self._codec, preprocess_encoded, request.images, model.spec)
+                    self._codec, preprocess_encoded, request.images, model.spec
+                )
             except ImageDecodeError as exc:
                 raise InvalidInput(f"input 'image': {exc}") from None
         assert request.array is not None
         if tuple(request.array.shape[1:]) != model.input_shape:
-            raise InvalidInput(f"input 'input' must be [N, {', '.join(map(str, model.input_shape))}], "
-                               f"not {list(request.array.shape)}")
+            raise InvalidInput(
+                f"input 'input' must be [N, {', '.join(map(str, model.input_shape))}], not {list(request.array.shape)}"
+            )
         return request.array
 
 
-def _response_tensors(model: ModelVersion, requested: list[RequestedOutput],
-                      batch: BatchResult) -> tuple[list[OutputTensor], int]:
+def _response_tensors(
+    model: ModelVersion, requested: list[RequestedOutput], batch: BatchResult
+) -> tuple[list[OutputTensor], int]:
     """The requested outputs as wire tensors (top-k strings, FP16 ...), and the feature-map bytes among them."""
     tensors, feature_bytes = [], 0
     for wanted in requested:

@@ -9,6 +9,7 @@ import grpc
 
 class ServingError(Exception):
     """Base of every error a client should see as a status code and a message."""
+
     code = grpc.StatusCode.INTERNAL
 
 
@@ -38,6 +39,7 @@ class ShuttingDown(ServingError):
 
 class LoadFailed(ServingError):
     """A model version that did not pass validation (checksum, load, warm-up)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -9,14 +9,30 @@ writes (the request recorder, the registry); a second instance never clashes wit
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -42,26 +58,49 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("convserve_requests_total", "gRPC requests by model, version, method and status code",
-                                ["model", "version", "method", "code"], registry=r)
-        self.request_duration = Histogram("convserve_request_duration_seconds", "gRPC request duration, server side",
-                                          ["model", "method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_duration = Histogram("convserve_queue_duration_seconds", "time a request waited for its batch",
-                                        ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.compute_duration = Histogram("convserve_compute_duration_seconds", "onnxruntime run time per batch",
-                                          ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("convserve_batch_size", "images per executed batch", ["model"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.requests = Counter(
+            "convserve_requests_total",
+            "gRPC requests by model, version, method and status code",
+            ["model", "version", "method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "convserve_request_duration_seconds",
+            "gRPC request duration, server side",
+            ["model", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "convserve_queue_duration_seconds",
+            "time a request waited for its batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "convserve_compute_duration_seconds",
+            "onnxruntime run time per batch",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "convserve_batch_size", "images per executed batch", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
         self.images = Counter("convserve_images_total", "images inferred", ["model"], registry=r)
         self._queue_depth = _QueueDepth()
         r.register(self._queue_depth)
         self.in_flight = Gauge("convserve_requests_in_flight", "gRPC requests being served", registry=r)
-        self.model_ready = Gauge("convserve_model_ready", "1 when the model version serves", ["model", "version"],
-                                 registry=r)
-        self.load_failures = Counter("convserve_model_load_failures_total", "model versions that failed validation",
-                                     ["model"], registry=r)
-        self.feature_map_bytes = Counter("convserve_feature_map_bytes_total", "feature-map bytes sent",
-                                         ["model"], registry=r)
+        self.model_ready = Gauge(
+            "convserve_model_ready", "1 when the model version serves", ["model", "version"], registry=r
+        )
+        self.load_failures = Counter(
+            "convserve_model_load_failures_total", "model versions that failed validation", ["model"], registry=r
+        )
+        self.feature_map_bytes = Counter(
+            "convserve_feature_map_bytes_total", "feature-map bytes sent", ["model"], registry=r
+        )
 
     def read_queue_depth_from(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Where convserve_queue_depth comes from: model name -> requests waiting, read at each scrape."""

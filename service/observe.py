@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import grpc
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class VersionStats:
     """Cumulative counts and durations (ns) of one model version, for ModelStatistics."""
+
     success_count: int = 0
     success_ns: int = 0
     fail_count: int = 0
@@ -33,39 +35,46 @@ class VersionStats:
     preprocess_ns: int = 0
     compute_ns: int = 0
     postprocess_ns: int = 0
-    inference_count: int = 0     # images
-    execution_count: int = 0     # batches
+    inference_count: int = 0  # images
+    execution_count: int = 0  # batches
     last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)   # batch size -> [count, compute ns]
+    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute ns]
 
 
 @dataclass
 class Timings:
     """Where an inference request's server time went (ns); sent back as its response parameters."""
-    queue_ns: int = 0            # submitted -> its batch started
-    preprocess_ns: int = 0       # received -> submitted (image decoding, checks)
-    compute_ns: int = 0          # its batch's session run
-    postprocess_ns: int = 0      # batch done -> response tensors ready
-    server_ns: int = 0           # received -> response tensors ready
-    batch_size: int = 0          # images in the batch it ran in
+
+    queue_ns: int = 0  # submitted -> its batch started
+    preprocess_ns: int = 0  # received -> submitted (image decoding, checks)
+    compute_ns: int = 0  # its batch's session run
+    postprocess_ns: int = 0  # batch done -> response tensors ready
+    server_ns: int = 0  # received -> response tensors ready
+    batch_size: int = 0  # images in the batch it ran in
 
     def parameters(self, execution_provider: str) -> dict[str, int | str]:
-        return {"queue_us": self.queue_ns // 1000, "preprocess_us": self.preprocess_ns // 1000,
-                "compute_us": self.compute_ns // 1000, "postprocess_us": self.postprocess_ns // 1000,
-                "server_us": self.server_ns // 1000, "batch_size": self.batch_size,
-                "execution_provider": execution_provider}
+        return {
+            "queue_us": self.queue_ns // 1000,
+            "preprocess_us": self.preprocess_ns // 1000,
+            "compute_us": self.compute_ns // 1000,
+            "postprocess_us": self.postprocess_ns // 1000,
+            "server_us": self.server_ns // 1000,
+            "batch_size": self.batch_size,
+            "execution_provider": execution_provider,
+        }
 
 
 @dataclass
 class Outcome:
     """One request, as it ended."""
-    method: str                          # the RPC's name: ModelInfer, ModelStreamInfer, ModelReady ...
-    model: str = ""                      # the model the request named ("" if none)
-    version: str = ""                    # the version that took it ("" if none did)
+
+    method: str  # the RPC's name: ModelInfer, ModelStreamInfer, ModelReady ...
+    model: str = ""  # the model the request named ("" if none)
+    version: str = ""  # the version that took it ("" if none did)
     code: grpc.StatusCode = grpc.StatusCode.OK
-    seconds: float = 0.0                 # server time of the whole request
+    seconds: float = 0.0  # server time of the whole request
     stats: Optional[VersionStats] = None  # the statistics of the version that took it
-    timings: Optional[Timings] = None    # an inference's stages, once it has run
+    timings: Optional[Timings] = None  # an inference's stages, once it has run
     feature_map_bytes: int = 0
 
 
@@ -133,7 +142,7 @@ class Recorder:
         entry = stats.batches.setdefault(batch.batch_size, [0, 0])
         entry[0] += 1
         entry[1] += batch.compute_ns
-        stats.last_inference_ms = int(time.time() * 1000)   # wall clock: ModelStatistics reports a timestamp
+        stats.last_inference_ms = int(time.time() * 1000)  # wall clock: ModelStatistics reports a timestamp
         self.metrics.batch_size.labels(model).observe(batch.batch_size)
         self.metrics.compute_duration.labels(model).observe(batch.compute_ns / 1e9)
         self.metrics.images.labels(model).inc(batch.batch_size)

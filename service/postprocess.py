@@ -42,7 +42,7 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
         offset += 4
         if offset + length > len(raw):
             raise ValueError("BYTES contents end inside an element")
-        out.append(bytes(view[offset:offset + length]))
+        out.append(bytes(view[offset : offset + length]))
         offset += length
     return out
 

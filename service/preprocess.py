@@ -30,8 +30,9 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     except Image.DecompressionBombError:
         raise ImageDecodeError("image too large to decode") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageDecodeError(f"not a decodable image ({str(exc).splitlines()[0] if str(exc) else 'corrupt'})") \
-            from None
+        raise ImageDecodeError(
+            f"not a decodable image ({str(exc).splitlines()[0] if str(exc) else 'corrupt'})"
+        ) from None
 
 
 def preprocess_encoded(images: list[bytes], spec: PreprocessSpec) -> np.ndarray:

@@ -21,8 +21,8 @@ _DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32":
 @dataclass
 class RequestedOutput:
     name: str
-    classification: int = 0      # top-k as BYTES strings when > 0
-    datatype: str = "FP32"       # FP16 halves a feature map's bytes
+    classification: int = 0  # top-k as BYTES strings when > 0
+    datatype: str = "FP32"  # FP16 halves a feature map's bytes
 
 
 @dataclass
@@ -30,8 +30,8 @@ class InferRequest:
     model_name: str
     model_version: str
     id: str
-    array: Optional[np.ndarray] = None           # for "input": float32 (N, C, H, W)
-    images: Optional[list[bytes]] = None         # for "image": encoded PNG/JPEG, N of them
+    array: Optional[np.ndarray] = None  # for "input": float32 (N, C, H, W)
+    images: Optional[list[bytes]] = None  # for "image": encoded PNG/JPEG, N of them
     outputs: list[RequestedOutput] = field(default_factory=list)
     timeout_us: Optional[int] = None
 
@@ -54,9 +54,9 @@ class OutputTensor:
 @dataclass
 class InferResult:
     model_name: str
-    model_version: str                    # the version that served it
+    model_version: str  # the version that served it
     outputs: list[OutputTensor]
-    parameters: dict[str, int | str]      # the request's own metrics (queue_us, compute_us, ...)
+    parameters: dict[str, int | str]  # the request's own metrics (queue_us, compute_us, ...)
 
 
 def _param_value(param: pb.InferParameter):
@@ -143,8 +143,7 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
 
 
 def build_infer_response(request: InferRequest, result: InferResult) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
-                                     id=request.id)
+    response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version, id=request.id)
     for tensor in result.outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(tensor.data)
@@ -162,7 +161,9 @@ def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:
         if tensor.name == name:
             if tensor.datatype == "BYTES":
                 return np.array(deserialize_bytes(response.raw_output_contents[index]), dtype=object).reshape(
-                    tuple(tensor.shape))
+                    tuple(tensor.shape)
+                )
             return np.frombuffer(response.raw_output_contents[index], dtype=_DTYPES[tensor.datatype]).reshape(
-                tuple(tensor.shape))
+                tuple(tensor.shape)
+            )
     raise KeyError(name)

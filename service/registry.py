@@ -14,10 +14,19 @@ import enum
 import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Awaitable, Callable, Optional
+from typing import Optional
 
-from convserve.contract import CARD_FILE, MODEL_FILE, ContractError, ModelCard, is_valid_name, model_names, parse_version
+from convserve.contract import (
+    CARD_FILE,
+    MODEL_FILE,
+    ContractError,
+    ModelCard,
+    is_valid_name,
+    model_names,
+    parse_version,
+)
 from convserve.contract import versions as versions_on_disk
 
 from .batcher import Batcher, BatchStats
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 
 class ModelState(str, enum.Enum):
     """A version's state, named as RepositoryIndex reports it."""
+
     READY = "READY"
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
@@ -82,11 +92,16 @@ class ModelVersion:
 
     def start(self, executor: Executor, settings: Settings, on_batch: Callable[[BatchStats], None]) -> None:
         assert self.runtime is not None
-        self.batcher = Batcher(self.runtime.run, executor, output_order=self.runtime.output_names,
-                               max_batch_size=settings.max_batch_size,
-                               max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                               max_queue_size=settings.max_queue_size, instances=self.instances,
-                               on_batch=on_batch)
+        self.batcher = Batcher(
+            self.runtime.run,
+            executor,
+            output_order=self.runtime.output_names,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            instances=self.instances,
+            on_batch=on_batch,
+        )
 
     async def retire(self) -> None:
         """No new requests; finish the queued ones; release the session."""
@@ -94,7 +109,7 @@ class ModelVersion:
         if self.batcher is not None:
             await self.batcher.close()
         self.state = ModelState.UNAVAILABLE
-        self.runtime = None   # drops the session and its memory
+        self.runtime = None  # drops the session and its memory
 
 
 def validate_version(path: str, name: str, version: int, settings: Settings) -> ModelVersion:
@@ -131,16 +146,21 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
 class Registry:
     """Every model version the server knows: served ones, and the failed ones with their reasons."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, recorder: Recorder,
-                 on_change: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        recorder: Recorder,
+        on_change: Optional[Callable[[], Awaitable[None]]] = None,
+    ) -> None:
         self.settings = settings
         self.repository = os.path.abspath(settings.repository)
         self._metrics = metrics
         self._recorder = recorder
         self._served: dict[str, dict[int, ModelVersion]] = {}
-        self._failed: dict[tuple[str, int], tuple[str, float]] = {}   # (name, version) -> (reason, mtime)
+        self._failed: dict[tuple[str, int], tuple[str, float]] = {}  # (name, version) -> (reason, mtime)
         self._loading: set[tuple[str, int]] = set()
-        self._unloaded: set[str] = set()      # names unloaded on request: scans leave them alone
+        self._unloaded: set[str] = set()  # names unloaded on request: scans leave them alone
         # Session runs: the batchers bound how many run at once; threads that wait cost nothing.
         self.run_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="onnxruntime")
         self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
@@ -197,7 +217,8 @@ class Registry:
         """(name, version, state, reason) for every version on disk or in memory."""
         on_disk = await self._in_thread(self._disk_versions)
         rows: dict[tuple[str, int], tuple[ModelState, str]] = {
-            key: (ModelState.UNAVAILABLE, "not loaded (version policy)") for key in on_disk}
+            key: (ModelState.UNAVAILABLE, "not loaded (version policy)") for key in on_disk
+        }
         for key, (reason, _) in self._failed.items():
             rows[key] = (ModelState.UNAVAILABLE, reason)
         for key in self._loading:
@@ -212,8 +233,11 @@ class Registry:
     # ---- the repository on disk (blocking: called through _in_thread) ----------------------------
 
     def _disk_versions(self) -> list[tuple[str, int]]:
-        return [(name, v) for name in model_names(self.repository)
-                for v in versions_on_disk(os.path.join(self.repository, name))]
+        return [
+            (name, v)
+            for name in model_names(self.repository)
+            for v in versions_on_disk(os.path.join(self.repository, name))
+        ]
 
     def _wanted_versions(self, name: str) -> list[int]:
         """Versions the policy asks for, newest first (for `latest`: candidates in order of preference)."""
@@ -257,7 +281,8 @@ class Registry:
         check_model_name(name)
         async with self._lock:
             if name not in self._served and not await self._in_thread(
-                    versions_on_disk, os.path.join(self.repository, name)):
+                versions_on_disk, os.path.join(self.repository, name)
+            ):
                 raise ModelNotFound(f"unknown model {name!r}")
             self._unloaded.add(name)
             await self._retire(name, list(self._served.get(name, {})))
@@ -290,7 +315,7 @@ class Registry:
             mtime = await self._in_thread(_mtime, path)
             failure = self._failed.get((name, version))
             if failure and not retry_failed and failure[1] == mtime:
-                continue   # failed before and unchanged since: do not retry on every scan
+                continue  # failed before and unchanged since: do not retry on every scan
             model = await self._validate(name, version, path, mtime)
             if model is not None:
                 served[version] = model
@@ -307,7 +332,8 @@ class Registry:
         self._loading.add(key)
         try:
             model = await asyncio.get_running_loop().run_in_executor(
-                self.load_executor, validate_version, path, name, version, self.settings)
+                self.load_executor, validate_version, path, name, version, self.settings
+            )
         except LoadFailed as exc:
             self._failed[key] = (str(exc), mtime)
             self._metrics.load_failures.labels(name).inc()

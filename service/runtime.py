@@ -18,14 +18,18 @@ from .settings import Settings, default_intra_op_threads
 
 log = logging.getLogger(__name__)
 
-_PROVIDER_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
-                   "cpu": "CPUExecutionProvider"}
+_PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
 
 
 def gpu_present() -> bool:
     """An NVIDIA device and driver on this machine (cheap: no CUDA initialisation)."""
-    return bool(glob.glob("/dev/nvidia[0-9]*")) or ctypes.util.find_library("cuda") is not None and \
-        os.path.exists("/proc/driver/nvidia")
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or (
+        ctypes.util.find_library("cuda") is not None and os.path.exists("/proc/driver/nvidia")
+    )
 
 
 def requested_providers(settings: Settings) -> list[str]:
@@ -72,12 +76,14 @@ class ModelRuntime:
         options.intra_op_num_threads = settings.intra_op_threads or default_intra_op_threads(self.instances)
         options.inter_op_num_threads = settings.inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3   # errors only: provider fallbacks are reported by us, once
+        options.log_severity_level = 3  # errors only: provider fallbacks are reported by us, once
         provider_options = []
         for name in wanted:
             if name == "CUDAExecutionProvider":
-                cuda = {"device_id": str(settings.cuda_device_id),
-                        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+                cuda = {
+                    "device_id": str(settings.cuda_device_id),
+                    "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+                }
                 if settings.gpu_mem_limit_bytes:
                     cuda["gpu_mem_limit"] = str(settings.gpu_mem_limit_bytes)
                 provider_options.append(cuda)
@@ -85,8 +91,9 @@ class ModelRuntime:
                 provider_options.append({"device_id": str(settings.cuda_device_id)})
             else:
                 provider_options.append({})
-        self.session = ort.InferenceSession(path, sess_options=options, providers=wanted,
-                                            provider_options=provider_options)
+        self.session = ort.InferenceSession(
+            path, sess_options=options, providers=wanted, provider_options=provider_options
+        )
         self.providers = self.session.get_providers()
         if self.providers[0] != wanted[0]:
             log.warning("%s: asked for %s, got %s", path, wanted, self.providers)

@@ -73,25 +73,31 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
-        options = [("grpc.max_receive_message_length", s.max_message_bytes),
-                   ("grpc.max_send_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.dataplane, s, lambda: self.state, self.recorder), self.grpc_server)
-        ipb_grpc.add_IntrospectionServicer_to_server(IntrospectionServicer(self.registry, self.recorder),
-                                                     self.grpc_server)
+            InferenceServicer(self.registry, self.dataplane, s, lambda: self.state, self.recorder), self.grpc_server
+        )
+        ipb_grpc.add_IntrospectionServicer_to_server(
+            IntrospectionServicer(self.registry, self.recorder), self.grpc_server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.
         try:
             POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
-        service_names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                         ipb.DESCRIPTOR.services_by_name["Introspection"].full_name,
-                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                         reflection.SERVICE_NAME]
+        service_names = [
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            ipb.DESCRIPTOR.services_by_name["Introspection"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
         reflection.enable_server_reflection(service_names, self.grpc_server, pool=POOL)
         self.port = self.grpc_server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if self.port == 0:
@@ -100,8 +106,12 @@ class Server:
         if s.metrics_port:
             self._metrics_server = self.metrics.serve(s.metrics_port, s.host)
         await self.grpc_server.start()
-        log.info("listening on %s:%d (gRPC), %s", s.host, self.port,
-                 f"metrics on :{s.metrics_port}/metrics" if s.metrics_port else "no metrics endpoint")
+        log.info(
+            "listening on %s:%d (gRPC), %s",
+            s.host,
+            self.port,
+            f"metrics on :{s.metrics_port}/metrics" if s.metrics_port else "no metrics endpoint",
+        )
         if not os.path.isdir(self.registry.repository):
             log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
         await self.registry.scan()
@@ -145,8 +155,11 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        print(f"convserve: serving {len(server.registry.ready_models())} model version(s) on "
-              f"{settings.host}:{server.port}", flush=True)
+        print(
+            f"convserve: serving {len(server.registry.ready_models())} model version(s) on "
+            f"{settings.host}:{server.port}",
+            flush=True,
+        )
         await stop.wait()
         log.info("signal received: finishing in-flight requests (grace %.0f s)", settings.grace_period)
     finally:

@@ -13,7 +13,8 @@ import enum
 import functools
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Optional
 
 import grpc
 
@@ -31,8 +32,15 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["classification", "model_repository", "model_repository(unload_dependents)", "statistics",
-              "model_configuration", "binary_tensor_data", "convserve_feature_maps"]
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "model_configuration",
+    "binary_tensor_data",
+    "convserve_feature_maps",
+]
 # Responses a stream may hold unwritten before the server stops reading that stream's requests:
 # a client that sends and never reads gets back-pressure (HTTP/2 flow control), not server memory.
 STREAM_PENDING_LIMIT = 32
@@ -50,9 +58,10 @@ def rpc(method: Handler):
         try:
             with self.recorder.observe(outcome):
                 return await method(self, request, context, outcome)
-        except Exception as exc:   # CancelledError is a BaseException: it passes
+        except Exception as exc:  # CancelledError is a BaseException: it passes
             code, message = status_of(exc)
         await context.abort(code, message)
+
     return wrapper
 
 
@@ -63,14 +72,20 @@ def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
 
 
 class ServerState(enum.Enum):
-    STARTING = "starting"     # listening, loading the repository
-    READY = "ready"           # the first scan is done
-    STOPPING = "stopping"     # refusing new requests, finishing those in flight
+    STARTING = "starting"  # listening, loading the repository
+    READY = "ready"  # the first scan is done
+    STOPPING = "stopping"  # refusing new requests, finishing those in flight
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: Registry, dataplane: DataPlane, settings: Settings,
-                 server_state: Callable[[], ServerState], recorder: Recorder) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        dataplane: DataPlane,
+        settings: Settings,
+        server_state: Callable[[], ServerState],
+        recorder: Recorder,
+    ) -> None:
         self.registry = registry
         self.dataplane = dataplane
         self.settings = settings
@@ -85,15 +100,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerReady(self, request, context, outcome):
-        return pb.ServerReadyResponse(ready=self.server_state() is ServerState.READY
-                                      and bool(self.registry.ready_models()))
+        return pb.ServerReadyResponse(
+            ready=self.server_state() is ServerState.READY and bool(self.registry.ready_models())
+        )
 
     @rpc
     async def ModelReady(self, request, context, outcome):
         try:
             self.registry.resolve(request.name, request.version)
         except InvalidInput:
-            raise                      # a malformed name or version is an error, not "not ready"
+            raise  # a malformed name or version is an error, not "not ready"
         except ServingError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.server_state() is not ServerState.STOPPING)
@@ -117,17 +133,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context, outcome):
         model = self.registry.resolve(request.name, request.version)
         gpu = model.execution_provider != "CPUExecutionProvider"
-        config = mc.ModelConfig(name=model.name, platform="onnxruntime_onnx", backend="onnxruntime",
-                                max_batch_size=self.settings.max_batch_size, default_model_filename="model.onnx")
-        config.input.add(name="input", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
-                         dims=list(model.input_shape))
+        config = mc.ModelConfig(
+            name=model.name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=self.settings.max_batch_size,
+            default_model_filename="model.onnx",
+        )
+        config.input.add(
+            name="input", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=list(model.input_shape)
+        )
         config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1], optional=True)
         for output in model.card.outputs:
             config.output.add(name=output.name, data_type=mc.TYPE_FP32, dims=output.shape[1:])
         config.dynamic_batching.max_queue_delay_microseconds = int(self.settings.max_queue_delay_ms * 1000)
-        config.instance_group.add(name=model.name, count=model.instances,
-                                  kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
-                                  gpus=[self.settings.cuda_device_id] if gpu else [])
+        config.instance_group.add(
+            name=model.name,
+            count=model.instances,
+            kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
+            gpus=[self.settings.cuda_device_id] if gpu else [],
+        )
         config.parameters["execution_provider"].string_value = model.execution_provider
         config.parameters["providers"].string_value = ",".join(model.providers)
         config.parameters["max_queue_size"].string_value = str(self.settings.max_queue_size)
@@ -139,13 +164,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.version:
             models = [m for m in models if str(m.version) == request.version]
         if request.name and not models:
-            self.registry.resolve(request.name, request.version)   # raises the right error
+            self.registry.resolve(request.name, request.version)  # raises the right error
         response = pb.ModelStatisticsResponse()
         for model in models:
             s = model.stats
-            entry = response.model_stats.add(name=model.name, version=str(model.version),
-                                             last_inference=s.last_inference_ms, inference_count=s.inference_count,
-                                             execution_count=s.execution_count)
+            entry = response.model_stats.add(
+                name=model.name,
+                version=str(model.version),
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+            )
             stats = entry.inference_stats
             stats.success.count, stats.success.ns = s.success_count, s.success_ns
             stats.fail.count, stats.fail.ns = s.fail_count, s.fail_ns
@@ -181,8 +210,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, outcome: Outcome,
-                     deadline: Optional[float]) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, outcome: Outcome, deadline: Optional[float]
+    ) -> pb.ModelInferResponse:
         if self.server_state() is ServerState.STOPPING:
             raise ShuttingDown("the server is shutting down")
         parsed = parse_infer_request(request)
@@ -193,8 +223,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context, outcome):
         return await self._infer(request, outcome, deadline_of(context))
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers every request on the stream, in completion order; a bad one gets error_message.
 
         At most STREAM_PENDING_LIMIT requests are in progress or answered-but-unwritten at once;
@@ -210,11 +241,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 with self.recorder.observe(outcome):
                     response = await self._infer(request, outcome, deadline_of(context))
                 item = pb.ModelStreamInferResponse(infer_response=response)
-            except Exception as exc:   # recorded (and, if a bug, logged) by observe
+            except Exception as exc:  # recorded (and, if a bug, logged) by observe
                 code, message = status_of(exc)
                 item = pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                )
             await results.put(item)
 
         async def read() -> None:
@@ -224,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-            except Exception:   # an undecodable message or a broken stream: say so, end the stream
+            except Exception:  # an undecodable message or a broken stream: say so, end the stream
                 log.warning("ModelStreamInfer: reading the request stream failed", exc_info=True)
             await asyncio.gather(*list(pending))
             await results.put(None)

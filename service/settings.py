@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Optional
 
 from convserve.cpus import available_cpus
-
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -29,8 +29,11 @@ class Settings:
     grpc_port: int = _opt(8001, "gRPC port (0: any free port)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (0: off)")
     max_message_bytes: int = _opt(256 * 1024 * 1024, "largest gRPC message accepted or sent")
-    auth_token: str = _opt("", "require 'authorization: Bearer TOKEN' on every RPC but health "
-                               "(prefer CONVSERVE_AUTH_TOKEN: flags show in `ps`)")
+    auth_token: str = _opt(
+        "",
+        "require 'authorization: Bearer TOKEN' on every RPC but health "
+        "(prefer CONVSERVE_AUTH_TOKEN: flags show in `ps`)",
+    )
     # batching
     max_batch_size: int = _opt(32, "most images per session run")
     max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")
@@ -42,13 +45,15 @@ class Settings:
     intra_op_threads: Optional[int] = _opt(None, "onnxruntime intra-op threads per run (default CPUs / instances)")
     inter_op_threads: int = _opt(1, "onnxruntime inter-op threads per run")
     cuda_device_id: int = _opt(0, "GPU to run on")
-    cudnn_conv_algo_search: str = _opt("EXHAUSTIVE", "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT")
+    cudnn_conv_algo_search: str = _opt(
+        "EXHAUSTIVE", "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT"
+    )
     gpu_mem_limit_bytes: int = _opt(0, "CUDA arena limit in bytes (0: none)")
     # lifecycle
     grace_period: float = _opt(30.0, "seconds to finish in-flight requests on SIGTERM")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
 
-    def validate(self) -> "Settings":
+    def validate(self) -> Settings:
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
         if self.max_queue_delay_ms < 0 or self.poll_interval < 0 or self.grace_period < 0:
@@ -56,8 +61,10 @@ class Settings:
         if self.instances is not None and self.instances < 1:
             raise ValueError("instances must be at least 1")
         policy = self.version_policy
-        if policy not in ("latest", "all") and not (policy.startswith("specific:") and all(
-                v.strip().isdigit() for v in policy[len("specific:"):].split(",") if v.strip())):
+        if policy not in ("latest", "all") and not (
+            policy.startswith("specific:")
+            and all(v.strip().isdigit() for v in policy[len("specific:") :].split(",") if v.strip())
+        ):
             raise ValueError(f"version_policy must be latest, all or specific:1,2 — not {policy!r}")
         if self.cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
             raise ValueError("cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT")
@@ -70,7 +77,7 @@ class Settings:
         return [p.strip().lower() for p in self.providers.split(",") if p.strip()]
 
     def specific_versions(self) -> list[int]:
-        return [int(v) for v in self.version_policy[len("specific:"):].split(",") if v.strip()]
+        return [int(v) for v in self.version_policy[len("specific:") :].split(",") if v.strip()]
 
 
 def _kind(f: Field) -> type:
@@ -78,9 +85,10 @@ def _kind(f: Field) -> type:
     return {"int": int, "float": float, "Optional[int]": int}.get(str(f.type), str)
 
 
-def from_sources(args: argparse.Namespace | None = None, environ: dict | None = None) -> Settings:
+def from_sources(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over CONVSERVE_<NAME> variables, which win over the defaults."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     values = {}
     for f in fields(Settings):
         kind = _kind(f)
@@ -99,5 +107,3 @@ def from_sources(args: argparse.Namespace | None = None, environ: dict | None = 
 def default_intra_op_threads(instances: int) -> int:
     """Threads per session run so that `instances` concurrent runs fill the CPUs, never more."""
     return max(1, available_cpus() // max(1, instances))
-
-

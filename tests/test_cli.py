@@ -12,8 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def convserve(*args, cwd=None):
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "convserve", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "convserve", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_arithmetic_alexnet_json():
@@ -32,15 +38,18 @@ def test_arithmetic_table_and_paper():
     assert paper.returncode == 0 and "differs > 5%" in paper.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ("arithmetic", "resnet9000"),
-    ("arithmetic", "alexnet", "--input", "3x224"),
-    ("arithmetic", "alexnet", "--input", "3x10x10"),
-    ("arithmetic", "tests/conftest.py"),
-    ("arithmetic", "missing/model.onnx"),
-    ("arithmetic", "alexnet", "--bogus"),
-    ("arithmetic", "alexnet", "--paper"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("arithmetic", "resnet9000"),
+        ("arithmetic", "alexnet", "--input", "3x224"),
+        ("arithmetic", "alexnet", "--input", "3x10x10"),
+        ("arithmetic", "tests/conftest.py"),
+        ("arithmetic", "missing/model.onnx"),
+        ("arithmetic", "alexnet", "--bogus"),
+        ("arithmetic", "alexnet", "--paper"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args):
     result = convserve(*args)
     assert result.returncode == 2, result
@@ -51,6 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(args):
 
 def _write_png(path):
     from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("L", (8, 8), 128).save(path)
 
@@ -68,18 +78,21 @@ def bad_datasets(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("args", [
-    ["--dataset", "imagenet"],
-    ["--arch", "resnet"],
-    ["--dataset", "imagefolder:{d}/missing"],
-    ["--dataset", "imagefolder:{d}/empty"],
-    ["--dataset", "imagefolder:{d}/noimages"],
-    ["--dataset", "imagefolder:{d}/undecodable"],
-    ["--dataset", "cifar10:{d}/cifar"],
-    ["--epochs", "0"],
-    ["--repository", "{d}/afile"],
-    ["--name", "../escape"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dataset", "imagenet"],
+        ["--arch", "resnet"],
+        ["--dataset", "imagefolder:{d}/missing"],
+        ["--dataset", "imagefolder:{d}/empty"],
+        ["--dataset", "imagefolder:{d}/noimages"],
+        ["--dataset", "imagefolder:{d}/undecodable"],
+        ["--dataset", "cifar10:{d}/cifar"],
+        ["--epochs", "0"],
+        ["--repository", "{d}/afile"],
+        ["--name", "../escape"],
+    ],
+)
 def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(bad_datasets, args):
     repository = bad_datasets / "repository"
     args = [a.format(d=bad_datasets) for a in args]

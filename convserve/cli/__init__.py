@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import serving, training
 from .base import UsageError
@@ -19,7 +19,7 @@ COMMANDS = [*training.COMMANDS, *serving.COMMANDS]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]  # one line instead of usage + message
+    def error(self, message: str):  # one line instead of usage + message
         raise UsageError(message)
 
 
@@ -42,6 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:   # `convserve ... | head`: the reader left; not an error of ours
+    except BrokenPipeError:  # `convserve ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -10,8 +10,9 @@ import contextlib
 import dataclasses
 import os
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Union
 
 
 class UsageError(Exception):
@@ -25,8 +26,8 @@ Handler = Callable[[argparse.Namespace], int]
 class Command:
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], None]   # adds the command's arguments
-    run: Handler                                         # runs it; returns the exit code
+    configure: Callable[[argparse.ArgumentParser], None]  # adds the command's arguments
+    run: Handler  # runs it; returns the exit code
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -37,7 +38,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        if typing.get_origin(kind) is Union:   # Optional[X] -> X
+        if typing.get_origin(kind) is Union:  # Optional[X] -> X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + f.name.replace("_", "-")
         extra: dict[str, Any] = {"help": f.metadata.get("help")}
@@ -58,8 +59,11 @@ def add_server_flags(parser: argparse.ArgumentParser, url: bool = True) -> None:
     """--url and --token, for the commands that talk to a running server."""
     if url:
         parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
-    parser.add_argument("--token", default=os.environ.get("CONVSERVE_AUTH_TOKEN", ""),
-                        help="bearer token, for a server run with an auth token (default: $CONVSERVE_AUTH_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CONVSERVE_AUTH_TOKEN", ""),
+        help="bearer token, for a server run with an auth token (default: $CONVSERVE_AUTH_TOKEN)",
+    )
 
 
 @contextlib.contextmanager

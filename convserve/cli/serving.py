@@ -14,6 +14,7 @@ from .base import Command, UsageError, add_flags, add_server_flags, rpc_errors
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from convserve.service.settings import Settings
+
     add_flags(p, Settings)
 
 
@@ -39,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # ---- infer -------------------------------------------------------------------------------------
+
 
 def _infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="PNG/JPEG files")
@@ -74,6 +76,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 # ---- models and describe (read a running server) -------------------------------------------------
 
+
 def _models(args: argparse.Namespace) -> int:
     from convserve.service.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
@@ -98,31 +101,55 @@ def _describe(args: argparse.Namespace) -> int:
 
     with open_channel(args.url, args.token) as channel, rpc_errors():
         answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
-            ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10)
-    try:   # the table's layout is the arithmetic module's, in the training half
+            ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10
+        )
+    try:  # the table's layout is the arithmetic module's, in the training half
         from convserve.models.arithmetic import LayerRow, Table, format_table
     except ImportError:
         format_table = None
     title = f"{answer.name} version {answer.version} on {answer.execution_provider}"
     if format_table is not None:
-        rows = [LayerRow(layer.name, layer.kind, layer.op, tuple(layer.input_shape), tuple(layer.output_shape),
-                         layer.params, 0, layer.macs, layer.activations, tuple(layer.receptive_field) or None,
-                         tuple(layer.jump) or None, layer.detail) for layer in answer.layers]
+        rows = [
+            LayerRow(
+                layer.name,
+                layer.kind,
+                layer.op,
+                tuple(layer.input_shape),
+                tuple(layer.output_shape),
+                layer.params,
+                0,
+                layer.macs,
+                layer.activations,
+                tuple(layer.receptive_field) or None,
+                tuple(layer.jump) or None,
+                layer.detail,
+            )
+            for layer in answer.layers
+        ]
         print(format_table(Table(rows[0].input_shape if rows else (), rows), title=title))
     else:
         print(title)
         for layer in answer.layers:
-            print(f"  {layer.name:<12} {list(layer.output_shape)!s:<18} params {layer.params:>12,}  "
-                  f"MACs {layer.macs:>14,}")
+            print(
+                f"  {layer.name:<12} {list(layer.output_shape)!s:<18} params {layer.params:>12,}  "
+                f"MACs {layer.macs:>14,}"
+            )
         print(f"  total params {answer.total_params:,}, MACs {answer.total_macs:,}")
     training = json.loads(answer.training_json or "{}")
-    print("training: " + ", ".join(f"{k}={training[k]}" for k in
-                                   ("dataset", "arch", "epochs", "test_accuracy", "seed", "date") if k in training))
+    print(
+        "training: "
+        + ", ".join(
+            f"{k}={training[k]}"
+            for k in ("dataset", "arch", "epochs", "test_accuracy", "seed", "date")
+            if k in training
+        )
+    )
     print(f"feature maps: {', '.join(answer.feature_maps)}")
     return 0
 
 
 # ---- bench -------------------------------------------------------------------------------------
+
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repository", required=True)
@@ -153,8 +180,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [
-    Command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args,
-            _serve),
+    Command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args, _serve),
     Command("infer", "classify image files with a running server", _infer_args, _infer),
     Command("models", "list a running server's model versions with their state", add_server_flags, _models),
     Command("describe", "a served model's arithmetic table and training provenance", _describe_args, _describe),

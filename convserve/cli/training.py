@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from .base import Command, UsageError, add_flags, given
 
@@ -22,6 +22,7 @@ def _training_half() -> Iterator[None]:
 
 
 # ---- arithmetic --------------------------------------------------------------------------------
+
 
 def _arithmetic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="NAME_OR_ONNX_FILE", help="a zoo model name or a path to an .onnx file")
@@ -56,17 +57,20 @@ def _arithmetic(args: argparse.Namespace) -> int:
     else:
         model = _zoo_model(args.model, num_classes=args.num_classes, in_channels=shape[0] if shape else None)
         from convserve.models.arithmetic_torch import analyze_module
+
         shape = shape or model.default_input
         try:
             table = analyze_module(model, shape)
         except (ValueError, RuntimeError) as exc:
-            raise UsageError(f"{args.model} cannot take a {'x'.join(map(str, shape))} input: {exc}".splitlines()[0]) \
-                from None
+            raise UsageError(
+                f"{args.model} cannot take a {'x'.join(map(str, shape))} input: {exc}".splitlines()[0]
+            ) from None
         title = f"{args.model} on {'x'.join(map(str, shape))}"
     if args.paper:
         if args.model != "googlenet" or tuple(table.input_shape) != (3, 224, 224):
             raise UsageError("--paper compares with GoogLeNet's Table 1: use `arithmetic googlenet --paper`")
         from convserve.models.paper import compare, format_comparison
+
         rows = compare(table)
         if args.json:
             print(json.dumps({**table.to_dict(), "paper": [{**vars(r), "marked": r.marked} for r in rows]}))
@@ -89,10 +93,11 @@ def _zoo_model(name: str, **kwargs):
 
 # ---- train -------------------------------------------------------------------------------------
 
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     try:
         from convserve.models.config import TrainConfig
-    except ImportError:   # the serving image: `train` runs, says what is missing, exits 2
+    except ImportError:  # the serving image: `train` runs, says what is missing, exits 2
         return
     add_flags(p, TrainConfig)
     export = p.add_argument_group("export (after training, into the model repository)")
@@ -113,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.output is None:
         config.output = os.path.join("runs", name)
     try:
-        if not args.no_export:   # refuse a bad destination before spending minutes on training
+        if not args.no_export:  # refuse a bad destination before spending minutes on training
             check_name(name)
             if os.path.exists(args.repository) and not os.path.isdir(args.repository):
                 raise UsageError(f"repository {args.repository!r} is a file, not a folder")
@@ -127,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # ---- export ------------------------------------------------------------------------------------
+
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt written by `convserve train`")
@@ -152,8 +158,9 @@ def _export(args: argparse.Namespace) -> int:
                 raise UsageError("--num-classes must be at least 1")
             shape = parse_input_shape(args.input) if args.input else None
             name = check_name(args.name or args.arch)
-            folder = export_random_init(args.arch, repository=args.repository, name=name,
-                                        num_classes=args.num_classes, input_shape=shape)
+            folder = export_random_init(
+                args.arch, repository=args.repository, name=name, num_classes=args.num_classes, input_shape=shape
+            )
         else:
             if not args.checkpoint:
                 raise UsageError("give a checkpoint, or --random-init --arch NAME")
@@ -167,9 +174,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [
-    Command("arithmetic", "per-layer output shapes, parameters, MACs and receptive fields", _arithmetic_args,
-            _arithmetic),
+    Command(
+        "arithmetic", "per-layer output shapes, parameters, MACs and receptive fields", _arithmetic_args, _arithmetic
+    ),
     Command("train", "train a CNN and export it into the model repository", _train_args, _train),
-    Command("export", "export a checkpoint (or an untrained zoo model) to ONNX in the repository", _export_args,
-            _export),
+    Command(
+        "export", "export a checkpoint (or an untrained zoo model) to ONNX in the repository", _export_args, _export
+    ),
 ]

@@ -4,4 +4,4 @@ from ._api import ZooCNN, get_model, list_models, register_model
 from .alexnet import alexnet, alexnet_small
 from .googlenet import googlenet
 
-__all__ = ["ZooCNN", "get_model", "list_models", "register_model", "alexnet", "alexnet_small", "googlenet"]
+__all__ = ["ZooCNN", "alexnet", "alexnet_small", "get_model", "googlenet", "list_models", "register_model"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,12 +12,14 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 def register_model(name: str | None = None):
     """Decorator: make a builder reachable as `get_model(name)`."""
+
     def wrap(builder):
         key = name or builder.__name__
         if key in _BUILDERS:
             raise ValueError(f"a model named {key!r} is registered already")
         _BUILDERS[key] = builder
         return builder
+
     return wrap
 
 
@@ -46,13 +48,13 @@ class ZooCNN(nn.Module):
     avgpool: nn.Module
     classifier: nn.Module
     feature_taps: dict[str, str]
-    default_input: tuple[int, int, int]   # (C, H, W) the model was laid out for
+    default_input: tuple[int, int, int]  # (C, H, W) the model was laid out for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)            # (B, C', H', W')
+        x = self.features(x)  # (B, C', H', W')
         x = self.avgpool(x)
-        x = torch.flatten(x, 1)         # (B, C' * h * w)
-        return self.classifier(x)       # (B, K)
+        x = torch.flatten(x, 1)  # (B, C' * h * w)
+        return self.classifier(x)  # (B, K)
 
     def forward_with_feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits (B, K), {tap name: feature map (B, C', H', W')}) in one pass."""

@@ -16,19 +16,25 @@ from ._api import ZooCNN, register_model
 
 
 class ConvReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0) -> None:
-        super().__init__(OrderedDict([
-            ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)),
-            ("relu", nn.ReLU(inplace=True)),
-        ]))
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0
+    ) -> None:
+        super().__init__(
+            OrderedDict(
+                [
+                    ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)),
+                    ("relu", nn.ReLU(inplace=True)),
+                ]
+            )
+        )
 
 
 class Inception(nn.Module):
     """Four parallel branches concatenated along channels: 1x1; 1x1 -> 3x3; 1x1 -> 5x5; pool -> 1x1."""
 
-    def __init__(self, in_channels: int, ch1x1: int, ch3x3red: int, ch3x3: int, ch5x5red: int,
-                 ch5x5: int, pool_proj: int) -> None:
+    def __init__(
+        self, in_channels: int, ch1x1: int, ch3x3red: int, ch3x3: int, ch5x5red: int, ch5x5: int, pool_proj: int
+    ) -> None:
         super().__init__()
         self.branch1 = ConvReLU(in_channels, ch1x1, 1)
         self.branch2 = nn.Sequential(ConvReLU(in_channels, ch3x3red, 1), ConvReLU(ch3x3red, ch3x3, 3, padding=1))
@@ -70,37 +76,41 @@ INCEPTION_TABLE = [
 
 
 class GoogLeNet(ZooCNN):
-    def __init__(self, *, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False,
-                 dropout: float = 0.4) -> None:
+    def __init__(
+        self, *, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False, dropout: float = 0.4
+    ) -> None:
         super().__init__()
         blocks = {row[0]: Inception(*row[1:]) for row in INCEPTION_TABLE}
         layers: list[tuple[str, nn.Module]] = [
-            ("conv1", ConvReLU(in_channels, 64, 7, stride=2, padding=3)),     # 224 -> 112
-            ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),             # 112 -> 56
+            ("conv1", ConvReLU(in_channels, 64, 7, stride=2, padding=3)),  # 224 -> 112
+            ("pool1", nn.MaxPool2d(3, stride=2, ceil_mode=True)),  # 112 -> 56
             ("norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
             ("conv2_reduce", ConvReLU(64, 64, 1)),
             ("conv2", ConvReLU(64, 192, 3, padding=1)),
             ("norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)),
-            ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),             # 56 -> 28
+            ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),  # 56 -> 28
             ("inception3a", blocks["inception3a"]),
             ("inception3b", blocks["inception3b"]),
-            ("pool3", nn.MaxPool2d(3, stride=2, ceil_mode=True)),             # 28 -> 14
+            ("pool3", nn.MaxPool2d(3, stride=2, ceil_mode=True)),  # 28 -> 14
             *[(f"inception4{s}", blocks[f"inception4{s}"]) for s in "abcde"],
-            ("pool4", nn.MaxPool2d(3, stride=2, ceil_mode=True)),             # 14 -> 7
+            ("pool4", nn.MaxPool2d(3, stride=2, ceil_mode=True)),  # 14 -> 7
             ("inception5a", blocks["inception5a"]),
             ("inception5b", blocks["inception5b"]),
         ]
         self.features = nn.Sequential(OrderedDict(layers))
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))   # the paper's 7x7/1 average pool at 224
-        self.classifier = nn.Sequential(OrderedDict([
-            ("dropout", nn.Dropout(dropout)),
-            ("fc", nn.Linear(1024, num_classes)),
-        ]))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))  # the paper's 7x7/1 average pool at 224
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("dropout", nn.Dropout(dropout)),
+                    ("fc", nn.Linear(1024, num_classes)),
+                ]
+            )
+        )
         # The auxiliary heads only train; they are outside `features` so export never sees them.
         self.aux1 = AuxClassifier(512, num_classes) if aux_logits else None
         self.aux2 = AuxClassifier(528, num_classes) if aux_logits else None
-        self.feature_taps = {"conv1": "conv1", "conv2": "conv2",
-                             **{row[0]: row[0] for row in INCEPTION_TABLE}}
+        self.feature_taps = {"conv1": "conv1", "conv2": "conv2", **{row[0]: row[0] for row in INCEPTION_TABLE}}
         self.default_input = (in_channels, 224, 224)
 
     def forward(self, x: torch.Tensor):
@@ -118,7 +128,8 @@ class GoogLeNet(ZooCNN):
 
 
 @register_model()
-def googlenet(*, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False,
-              dropout: float = 0.4) -> GoogLeNet:
+def googlenet(
+    *, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False, dropout: float = 0.4
+) -> GoogLeNet:
     """GoogLeNet / Inception v1 for 224x224 images, without auxiliary classifiers by default."""
     return GoogLeNet(num_classes=num_classes, in_channels=in_channels, aux_logits=aux_logits, dropout=dropout)

@@ -27,15 +27,32 @@ class RunningServer:
         self.log_path = os.path.join(os.path.dirname(self.repository), f"server-{self.port}.log")
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "convserve", "serve", "--repository", self.repository, "--host", "127.0.0.1",
-             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), *extra],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
-            stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "convserve",
+                "serve",
+                "--repository",
+                self.repository,
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics_port),
+                *extra,
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         if wait:
             self.wait_ready()
 
     def wait_ready(self, timeout=60):
         from convserve.service.client import wait_until_ready
+
         try:
             wait_until_ready(self.url, self.process, timeout)
         except RuntimeError as exc:

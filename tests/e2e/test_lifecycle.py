@@ -29,8 +29,10 @@ def _wait_for(predicate, timeout=30.0):
 
 
 def _index(client):
-    return {(m.name, m.version): (m.state, m.reason)
-            for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+    return {
+        (m.name, m.version): (m.state, m.reason)
+        for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+    }
 
 
 @pytest.fixture
@@ -48,8 +50,7 @@ def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own
         with Client(server.url) as client:
             assert client.infer("digits", array=X).model_version == "1"
             # a good version 2 appears: served without a restart
-            export_checkpoint(result.checkpoint, repository=str(own_repository),
-                              name="digits")
+            export_checkpoint(result.checkpoint, repository=str(own_repository), name="digits")
             assert _wait_for(lambda: client.infer("digits", array=X).model_version == "2"), server.output()
             # a corrupt version 3: refused, version 2 keeps serving
             corrupt = own_repository / "digits" / "3"
@@ -70,7 +71,7 @@ def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own
             with pytest.raises(grpc.RpcError) as info:
                 client.infer("digits", array=X)
             assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
-            time.sleep(1.0)   # a poll must not bring an unloaded model back
+            time.sleep(1.0)  # a poll must not bring an unloaded model back
             assert not client.stub.ModelReady(pb.ModelReadyRequest(name="digits")).ready
             shutil.rmtree(corrupt)
             client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"))
@@ -92,7 +93,7 @@ def test_corrupt_only_version_at_start_is_reported(own_repository):
         with Client(server.url) as client:
             state, reason = _index(client)[("broken", "1")]
             assert state == "UNAVAILABLE" and "JSON" in reason
-            assert client.infer("digits", array=X).model_name == "digits"   # the others serve
+            assert client.infer("digits", array=X).model_name == "digits"  # the others serve
             with pytest.raises(grpc.RpcError) as info:
                 client.infer("broken", array=X)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -102,7 +103,7 @@ def test_corrupt_only_version_at_start_is_reported(own_repository):
 
 def test_sigterm_under_load_answers_every_accepted_request(own_repository):
     server = RunningServer(own_repository, "--grace-period", "20")
-    outcomes = []          # (sent at, ok, status code)
+    outcomes = []  # (sent at, ok, status code)
     stop_sending = threading.Event()
 
     def worker():
@@ -161,13 +162,15 @@ def test_auth_token_guards_every_rpc_but_health(own_repository):
 
     server = RunningServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
     try:
-        with grpc.insecure_channel(server.url) as channel:   # health needs no token: probes use it
+        with grpc.insecure_channel(server.url) as channel:  # health needs no token: probes use it
             health = health_pb2_grpc.HealthStub(channel)
 
             def serving():
                 try:
-                    return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING
+                    return (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    )
                 except grpc.RpcError:
                     return False
 
@@ -192,7 +195,7 @@ def test_auth_token_guards_every_rpc_but_health(own_repository):
         try:
             triton_client.async_stream_infer("digits", [inp])
         except triton.InferenceServerException:
-            pass   # the stream may already be closed by the refusal; the callback holds the reason
+            pass  # the stream may already be closed by the refusal; the callback holds the reason
         assert _wait_for(lambda: results, timeout=10)
         triton_client.stop_stream()
         assert results[0] is not None and "UNAUTHENTICATED" in str(results[0])

@@ -45,6 +45,7 @@ def held_out(meta):
 @pytest.fixture(scope="module")
 def torch_model(trained):
     from convserve.models.checkpoint import Checkpoint
+
     result, _ = trained
     return Checkpoint.load(result.checkpoint).build_model()
 
@@ -71,9 +72,13 @@ def test_tritonclient_infer_input_image_feature_maps_classification(server, held
     inp = triton.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     fp16 = triton.InferRequestedOutput("conv3")
-    fp16._output.parameters["datatype"].string_param = "FP16"   # tritonclient has no setter for it
-    outputs = [triton.InferRequestedOutput("logits"), triton.InferRequestedOutput("probabilities", class_count=3),
-               triton.InferRequestedOutput("conv2"), fp16]
+    fp16._output.parameters["datatype"].string_param = "FP16"  # tritonclient has no setter for it
+    outputs = [
+        triton.InferRequestedOutput("logits"),
+        triton.InferRequestedOutput("probabilities", class_count=3),
+        triton.InferRequestedOutput("conv2"),
+        fp16,
+    ]
     result = client.infer("digits", [inp], outputs=outputs)
     with torch.no_grad():
         logits, maps = torch_model.forward_with_feature_maps(torch.from_numpy(x))
@@ -83,7 +88,7 @@ def test_tritonclient_infer_input_image_feature_maps_classification(server, held
     assert half.dtype == np.float16 and half.shape == tuple(maps["conv3"].shape)
     # FP16 keeps 11 significant bits: within half a unit in the last place of the value (plus 1e-4 export slack)
     expected = maps["conv3"].numpy()
-    assert np.all(np.abs(half.astype(np.float32) - expected) <= np.abs(expected) * 2.0 ** -11 + 1e-4)
+    assert np.all(np.abs(half.astype(np.float32) - expected) <= np.abs(expected) * 2.0**-11 + 1e-4)
     top = result.as_numpy("probabilities")
     assert top.shape == (3, 3)
     score, index, label = top[0][0].decode().split(":")
@@ -107,14 +112,16 @@ def test_tritonclient_async_and_stream(server, held_out):
         return img
 
     for i in range(4):
-        client.async_infer("digits", [make_input(i)], callback=lambda result, error: results.put((result, error)), request_id=str(i))
+        client.async_infer(
+            "digits", [make_input(i)], callback=lambda result, error: results.put((result, error)), request_id=str(i)
+        )
     answers = [results.get(timeout=30) for _ in range(4)]
     assert all(e is None and r.as_numpy("logits").shape == (1, 10) for r, e in answers)
 
     stream_results = queue.Queue()
     client.start_stream(callback=lambda result, error: stream_results.put((result, error)))
     client.async_stream_infer("digits", [make_input(0)], request_id="a")
-    bad = triton.InferInput("input", [1, 3, 32, 32], "FP32")   # wrong channel count
+    bad = triton.InferInput("input", [1, 3, 32, 32], "FP32")  # wrong channel count
     bad.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     client.async_stream_infer("digits", [bad], request_id="bad")
     client.async_stream_infer("digits", [make_input(1)], request_id="b")
@@ -123,7 +130,7 @@ def test_tritonclient_async_and_stream(server, held_out):
     errors = [e for r, e in got if e is not None]
     ok = [r for r, e in got if e is None]
     assert len(errors) == 1 and "INVALID_ARGUMENT" in str(errors[0])
-    assert sorted(r.get_response().id for r in ok) == ["a", "b"]   # the stream stayed open
+    assert sorted(r.get_response().id for r in ok) == ["a", "b"]  # the stream stayed open
 
 
 def test_held_out_pngs_classified_with_recorded_accuracy(server, held_out, meta):
@@ -131,7 +138,7 @@ def test_held_out_pngs_classified_with_recorded_accuracy(server, held_out, meta)
     predictions = []
     with Client(server.url) as client:
         for start in range(0, len(pngs), 32):
-            response = client.infer("digits", images=pngs[start:start + 32], outputs=["logits"])
+            response = client.infer("digits", images=pngs[start : start + 32], outputs=["logits"])
             predictions.append(client.output(response, "logits").argmax(1))
     accuracy = float((np.concatenate(predictions) == labels).mean())
     assert abs(accuracy - meta["training"]["test_accuracy"]) <= 0.01
@@ -159,8 +166,9 @@ def test_sixteen_concurrent_clients_batch_and_match_unbatched(server):
     rng = np.random.default_rng(2)
     inputs = [rng.standard_normal((1, 1, 32, 32)).astype(np.float32) for _ in range(16 * 8)]
     with Client(server.url) as client:
-        alone = [client.output(client.infer("digits", array=x, outputs=["logits", "conv1"]), "logits")
-                 for x in inputs[:16]]
+        alone = [
+            client.output(client.infer("digits", array=x, outputs=["logits", "conv1"]), "logits") for x in inputs[:16]
+        ]
     answers, batch_sizes, errors = {}, [], []
 
     def worker(k):
@@ -181,11 +189,12 @@ def test_sixteen_concurrent_clients_batch_and_match_unbatched(server):
     assert not errors
     assert max(batch_sizes) > 1, batch_sizes
     for i in range(16):
-        np.testing.assert_array_equal(answers[i], alone[i])   # identical, not just close
+        np.testing.assert_array_equal(answers[i], alone[i])  # identical, not just close
 
 
 def test_bad_requests_get_the_right_codes_and_the_server_keeps_serving(server):
     with Client(server.url) as client:
+
         def code_of(request):
             with pytest.raises(grpc.RpcError) as info:
                 client.stub.ModelInfer(request, timeout=10)
@@ -204,8 +213,10 @@ def test_bad_requests_get_the_right_codes_and_the_server_keeps_serving(server):
         truncated.raw_input_contents[0] = truncated.raw_input_contents[0][:-4]
         assert code_of(truncated) == grpc.StatusCode.INVALID_ARGUMENT
         typed = pb.ModelInferRequest(model_name="digits")
-        typed.inputs.add(name="input", datatype="FP32", shape=[1, 1, 32, 32]).contents.fp32_contents.extend([0.0] * 1024)
-        assert client.stub.ModelInfer(typed).outputs[0].name == "logits"   # typed contents work too
+        typed.inputs.add(name="input", datatype="FP32", shape=[1, 1, 32, 32]).contents.fp32_contents.extend(
+            [0.0] * 1024
+        )
+        assert client.stub.ModelInfer(typed).outputs[0].name == "logits"  # typed contents work too
         reserved = build_request("digits", array=x)
         reserved.parameters["priority"].uint64_param = 1
         reserved.parameters["sequence_id"].int64_param = 7
@@ -216,22 +227,31 @@ def test_bad_requests_get_the_right_codes_and_the_server_keeps_serving(server):
 
 def test_unimplemented_health_reflection_introspection(server):
     with grpc.insecure_channel(server.url) as channel:
-        unknown = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus",
-                                      request_serializer=lambda m: b"", response_deserializer=lambda b: b)
+        unknown = channel.unary_unary(
+            "/inference.GRPCInferenceService/CudaSharedMemoryStatus",
+            request_serializer=lambda m: b"",
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as info:
             unknown(None, timeout=5)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "digits"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         services = {s.name for s in answer.list_services_response.service}
         assert {"inference.GRPCInferenceService", "convserve.v1.Introspection", "grpc.health.v1.Health"} <= services
-        answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="inference.GRPCInferenceService")])))
+        answer = next(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")])
+            )
+        )
         assert answer.file_descriptor_response.file_descriptor_proto
         described = ipb_grpc.IntrospectionStub(channel).DescribeModel(ipb.DescribeModelRequest(name="digits"))
         assert described.total_params == sum(layer.params for layer in described.layers) > 0
@@ -249,8 +269,9 @@ def test_statistics_and_prometheus_metrics(server):
             client.infer("digits", array=np.zeros((1, 2, 32, 32), np.float32))
         with pytest.raises(grpc.RpcError):
             client.infer("no_such_model", array=np.zeros((1, 1, 32, 32), np.float32))
-        streamed = list(client.stub.ModelStreamInfer(iter([build_request("digits", array=np.zeros((1, 1, 32, 32),
-                                                                                          np.float32))])))
+        streamed = list(
+            client.stub.ModelStreamInfer(iter([build_request("digits", array=np.zeros((1, 1, 32, 32), np.float32))]))
+        )
         assert len(streamed) == 1 and not streamed[0].error_message
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits"' in text
@@ -264,15 +285,30 @@ def test_statistics_and_prometheus_metrics(server):
 def test_models_and_describe_commands(server):
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
     env = dict(os.environ)
-    models = subprocess.run([sys.executable, "-m", "convserve", "models", "--url", server.url],
-                            capture_output=True, text=True, env=env, timeout=60)
+    models = subprocess.run(
+        [sys.executable, "-m", "convserve", "models", "--url", server.url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert models.returncode == 0 and "digits" in models.stdout and "READY" in models.stdout
-    described = subprocess.run([sys.executable, "-m", "convserve", "describe", "digits", "--url", server.url],
-                               capture_output=True, text=True, env=env, timeout=60)
+    described = subprocess.run(
+        [sys.executable, "-m", "convserve", "describe", "digits", "--url", server.url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert described.returncode == 0, described.stderr
     assert "conv5" in described.stdout and "fc layers" in described.stdout and "dataset=digits" in described.stdout
-    missing = subprocess.run([sys.executable, "-m", "convserve", "describe", "nope", "--url", server.url],
-                             capture_output=True, text=True, env=env, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "convserve", "describe", "nope", "--url", server.url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert missing.returncode == 2 and missing.stderr.strip().startswith("convserve: error: NOT_FOUND")

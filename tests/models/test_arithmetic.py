@@ -91,16 +91,35 @@ def conv_pool_stacks(draw):
             groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0]))
             out = groups * draw(st.integers(1, 4))
             kernel = draw(st.integers(1, 5))
-            layers.append(("conv", dict(in_channels=channels, out_channels=out, kernel_size=kernel,
-                                        stride=draw(st.integers(1, 3)), padding=draw(st.integers(0, kernel // 2)),
-                                        dilation=draw(st.integers(1, 2)), groups=groups,
-                                        bias=draw(st.booleans()))))
+            layers.append(
+                (
+                    "conv",
+                    dict(
+                        in_channels=channels,
+                        out_channels=out,
+                        kernel_size=kernel,
+                        stride=draw(st.integers(1, 3)),
+                        padding=draw(st.integers(0, kernel // 2)),
+                        dilation=draw(st.integers(1, 2)),
+                        groups=groups,
+                        bias=draw(st.booleans()),
+                    ),
+                )
+            )
             channels = out
         else:
             kernel = draw(st.integers(1, 4))
-            layers.append((draw(st.sampled_from(["max", "avg"])),
-                           dict(kernel_size=kernel, stride=draw(st.integers(1, 3)),
-                                padding=draw(st.integers(0, kernel // 2)), ceil_mode=draw(st.booleans()))))
+            layers.append(
+                (
+                    draw(st.sampled_from(["max", "avg"])),
+                    dict(
+                        kernel_size=kernel,
+                        stride=draw(st.integers(1, 3)),
+                        padding=draw(st.integers(0, kernel // 2)),
+                        ceil_mode=draw(st.booleans()),
+                    ),
+                )
+            )
     return first_channels, size, layers
 
 
@@ -114,10 +133,19 @@ def _torch_layer(kind, kw):
 
 def _spec(kind, kw):
     if kind == "conv":
-        return ar.Conv2d(kw["in_channels"], kw["out_channels"], ar.pair(kw["kernel_size"]), ar.pair(kw["stride"]),
-                         ar.pair(kw["padding"]), ar.pair(kw["dilation"]), kw["groups"], kw["bias"])
-    return ar.Pool2d(kind, ar.pair(kw["kernel_size"]), ar.pair(kw["stride"]), ar.pair(kw["padding"]),
-                     ceil_mode=kw["ceil_mode"])
+        return ar.Conv2d(
+            kw["in_channels"],
+            kw["out_channels"],
+            ar.pair(kw["kernel_size"]),
+            ar.pair(kw["stride"]),
+            ar.pair(kw["padding"]),
+            ar.pair(kw["dilation"]),
+            kw["groups"],
+            kw["bias"],
+        )
+    return ar.Pool2d(
+        kind, ar.pair(kw["kernel_size"]), ar.pair(kw["stride"]), ar.pair(kw["padding"]), ceil_mode=kw["ceil_mode"]
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -138,12 +166,13 @@ def test_random_stacks_agree_with_pytorch(stack):
         with pytest.raises(ValueError):
             table = ar.analyze(nodes, shape)
             if any(min(r.output_shape[1:]) < 1 for r in table.layers):
-                raise ValueError("empty output")
+                raise ValueError("empty output") from None
         return
     table = ar.analyze(nodes, shape)
     assert [r.output_shape for r in table.layers] == real
     assert [r.params for r in table.layers] == [
-        sum(p.numel() for p in _torch_layer(kind, kw).parameters()) for kind, kw in layers]
+        sum(p.numel() for p in _torch_layer(kind, kw).parameters()) for kind, kw in layers
+    ]
 
 
 def test_input_shape_parser():

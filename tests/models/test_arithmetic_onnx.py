@@ -13,16 +13,30 @@ from convserve.models.zoo import get_model
 def _export(model, shape, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(path), dynamo=True,
-                          input_names=["input"], output_names=["logits"], verbose=False)
+        torch.onnx.export(
+            model.eval(),
+            (torch.zeros(1, *shape),),
+            str(path),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            verbose=False,
+        )
 
 
 def _weighted(table):
     return [(r.kind, r.output_shape, r.params, r.macs) for r in table.layers if r.kind in ("conv", "fc")]
 
 
-@pytest.mark.parametrize("name,shape", [("alexnet_small", (3, 32, 32)), ("alexnet_small", (1, 32, 32)),
-                                        ("googlenet", (3, 224, 224)), ("alexnet", (3, 224, 224))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("alexnet_small", (3, 32, 32)),
+        ("alexnet_small", (1, 32, 32)),
+        ("googlenet", (3, 224, 224)),
+        ("alexnet", (3, 224, 224)),
+    ],
+)
 def test_onnx_path_matches_pytorch_path(tmp_path, name, shape):
     model = get_model(name, in_channels=shape[0], num_classes=10)
     path = tmp_path / "model.onnx"
@@ -35,8 +49,9 @@ def test_onnx_path_matches_pytorch_path(tmp_path, name, shape):
     assert from_onnx.total_macs == from_torch.total_macs
     assert _weighted(from_onnx) == _weighted(from_torch)
     # receptive fields of the conv layers agree too
-    assert [r.receptive_field for r in from_onnx.layers if r.kind == "conv"] == \
-        [r.receptive_field for r in from_torch.layers if r.kind == "conv"]
+    assert [r.receptive_field for r in from_onnx.layers if r.kind == "conv"] == [
+        r.receptive_field for r in from_torch.layers if r.kind == "conv"
+    ]
 
 
 def test_a_file_that_is_not_onnx_is_refused(tmp_path):

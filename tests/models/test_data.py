@@ -30,7 +30,8 @@ def _write_pngs(folder, count, color, size=(12, 10)):
     rng = np.random.default_rng(len(str(folder)))
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(color).save(
-            os.path.join(folder, f"{i}.png"))
+            os.path.join(folder, f"{i}.png")
+        )
 
 
 def test_image_folder_with_and_without_split(tmp_path):

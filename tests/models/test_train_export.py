@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from convserve.contract import ContractError, PreprocessSpec, check_name, versions
+from convserve.models.config import TrainConfig
 from convserve.models.data import digits_as_uint8, seeded_split
 from convserve.models.export import ExportError, check_parity, export_checkpoint, export_random_init, to_onnx_bytes
-from convserve.contract import ContractError, check_name, versions
 from convserve.models.repository import write_version
-from convserve.models.config import TrainConfig
 from convserve.models.train import lr_factor, train
 from convserve.models.zoo import get_model
-from convserve.contract import PreprocessSpec
 from convserve.service.preprocess import preprocess_encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,7 +62,15 @@ def test_model_json_describes_the_model(trained):
     _, folder = trained
     meta = json.load(open(os.path.join(folder, "model.json")))
     assert meta["name"] == "digits" and meta["version"] == 1 and meta["labels"] == [str(d) for d in range(10)]
-    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities", "conv1", "conv2", "conv3", "conv4", "conv5"]
+    assert [o["name"] for o in meta["outputs"]] == [
+        "logits",
+        "probabilities",
+        "conv1",
+        "conv2",
+        "conv3",
+        "conv4",
+        "conv5",
+    ]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}]
     assert meta["arithmetic"]["total_params"] == sum(r["params"] for r in meta["arithmetic"]["layers"])
     for key in ("dataset", "split", "epochs", "test_accuracy", "test_loss", "seed", "versions", "date"):
@@ -83,7 +90,7 @@ def test_exporting_again_writes_the_next_version(trained, tmp_path):
     second = export_checkpoint(checkpoint, repository=str(tmp_path), name="digits")
     assert (first, second) == (str(tmp_path / "digits" / "1"), str(tmp_path / "digits" / "2"))
     assert json.load(open(os.path.join(second, "model.json")))["version"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["digits"]   # no staging folders left
+    assert sorted(os.listdir(tmp_path)) == ["digits"]  # no staging folders left
 
 
 def test_parity_failure_names_the_output_and_writes_nothing(tmp_path, monkeypatch):
@@ -91,11 +98,12 @@ def test_parity_failure_names_the_output_and_writes_nothing(tmp_path, monkeypatc
     model = get_model("alexnet_small", num_classes=3, in_channels=1, width_mult=0.25)
     onnx_bytes = to_onnx_bytes(model, (1, 32, 32))
     with torch.no_grad():
-        model.classifier.fc8.bias += 1.0    # PyTorch now disagrees with the exported graph
+        model.classifier.fc8.bias += 1.0  # PyTorch now disagrees with the exported graph
     with pytest.raises(ExportError, match=r"output logits differs from PyTorch by 1 "):
         check_parity(model, onnx_bytes, (1, 32, 32), None)
 
     import convserve.models.export as export_module
+
     monkeypatch.setattr(export_module, "check_parity", lambda *a, **k: (_ for _ in ()).throw(ExportError("boom")))
     with pytest.raises(ExportError):
         export_random_init("alexnet_small", repository=str(tmp_path), name="broken", num_classes=3)
@@ -123,14 +131,13 @@ def test_repository_writer_is_atomic(tmp_path):
 
 def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     def run(output, epochs, resume=False):
-        return train(TrainConfig(epochs=epochs, output=str(output), resume=resume, progress=False,
-                                 width_mult=0.25))
+        return train(TrainConfig(epochs=epochs, output=str(output), resume=resume, progress=False, width_mult=0.25))
 
     straight = run(tmp_path / "a", 3)
     again = run(tmp_path / "b", 3)
     assert straight.history[-1]["test_loss"] == again.history[-1]["test_loss"]
     # interrupted after 2 of 3 epochs, then resumed
-    run(tmp_path / "c", 3).history   # warm the same path layout
+    run(tmp_path / "c", 3).history  # warm the same path layout
     partial = TrainConfig(epochs=3, output=str(tmp_path / "d"), progress=False, width_mult=0.25)
     partial_result = _train_interrupted(partial, stop_after=2)
     assert len(partial_result) == 2
@@ -174,6 +181,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 def _free_port():
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -183,9 +191,28 @@ def test_two_process_gloo_run_matches_one_process(trained, tmp_path):
     single, _ = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "convserve", "train", "--no-progress", "--output", str(tmp_path / "run"), "--no-export"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "convserve",
+            "train",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "run"),
+            "--no-export",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(history) == single.config.epochs

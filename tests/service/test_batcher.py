@@ -41,7 +41,7 @@ def _job(value, n=1, outputs=("a",), deadline=None):
 def test_lone_request_runs_at_once_without_waiting():
     async def main():
         runner = SlowRunner(seconds=0.0)
-        batcher = _batcher(runner, max_queue_delay_s=1.0)   # a long delay a lone client must never pay
+        batcher = _batcher(runner, max_queue_delay_s=1.0)  # a long delay a lone client must never pay
         started = time.perf_counter()
         result = await batcher.submit(_job(3.0))
         elapsed = time.perf_counter() - started
@@ -58,7 +58,7 @@ def test_requests_arriving_while_busy_are_batched_and_sliced_back():
         runner = SlowRunner(seconds=0.05)
         batcher = _batcher(runner)
         first = batcher.submit(_job(1.0))
-        await asyncio.sleep(0.01)          # the first batch is running now
+        await asyncio.sleep(0.01)  # the first batch is running now
         rest = [batcher.submit(_job(float(v), outputs=("a", "b") if v % 2 else ("a",))) for v in range(2, 7)]
         results = await asyncio.gather(first, *rest)
         await batcher.close()
@@ -66,7 +66,7 @@ def test_requests_arriving_while_busy_are_batched_and_sliced_back():
 
     runner, results = asyncio.run(main())
     assert [size for size, _ in runner.batches] == [1, 5]
-    assert runner.batches[1][1] == ("a", "b")           # the union of what the batch asked for
+    assert runner.batches[1][1] == ("a", "b")  # the union of what the batch asked for
     for value, result in zip(range(1, 7), results):
         assert result.outputs["a"].tolist() == [[value * 2.0]]
         assert ("b" in result.outputs) == (value % 2 == 1 and value > 1)
@@ -98,7 +98,7 @@ def test_queue_full_is_refused_at_once():
         runner.gate.clear()
         batcher = _batcher(runner, max_queue_size=2, max_batch_size=1)
         first = batcher.submit(_job(1.0))
-        await asyncio.sleep(0.01)   # the worker holds the first; two may wait
+        await asyncio.sleep(0.01)  # the worker holds the first; two may wait
         waiting = [batcher.submit(_job(2.0)), batcher.submit(_job(3.0))]
         with pytest.raises(QueueFull):
             batcher.submit(_job(4.0))
@@ -120,7 +120,7 @@ def test_expired_and_cancelled_jobs_are_not_run():
         cancelled = batcher.submit(_job(3.0))
         kept = batcher.submit(_job(4.0))
         cancelled.cancel()
-        await asyncio.sleep(0.05)   # the deadline passes while they wait
+        await asyncio.sleep(0.05)  # the deadline passes while they wait
         runner.gate.set()
         await first
         with pytest.raises(DeadlineExceeded):
@@ -130,7 +130,7 @@ def test_expired_and_cancelled_jobs_are_not_run():
         return runner
 
     runner = asyncio.run(main())
-    assert len(runner.batches) == 2   # the first and the kept one; neither the expired nor the cancelled
+    assert len(runner.batches) == 2  # the first and the kept one; neither the expired nor the cancelled
 
 
 def test_close_finishes_queued_jobs():

@@ -4,7 +4,6 @@ import importlib
 import os
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
@@ -13,8 +12,8 @@ def test_generated_modules_match_the_protos(tmp_path):
     gen_protos = importlib.import_module("gen_protos")
     gen_protos.generate(str(tmp_path))
     committed = os.path.join(ROOT, "service", "proto")
-    generated = sorted(f for f in os.listdir(tmp_path) if f.endswith(".py"))
-    assert generated == sorted(f for f in os.listdir(committed) if f.endswith(".py"))
+    generated = sorted(f for f in os.listdir(tmp_path) if f.endswith((".py", ".pyi")))
+    assert generated == sorted(f for f in os.listdir(committed) if f.endswith((".py", ".pyi")))
     for name in generated:
         with open(tmp_path / name) as fresh, open(os.path.join(committed, name)) as old:
             assert fresh.read() == old.read(), f"service/proto/{name} is stale: run `make protos`"
@@ -42,10 +41,17 @@ def test_wire_compatible_with_tritonclient():
     their_service = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     for method in our_service.methods:
         theirs = their_service.methods_by_name[method.name]
-        assert (method.input_type.full_name, method.output_type.full_name,
-                method.client_streaming, method.server_streaming) == \
-               (theirs.input_type.full_name, theirs.output_type.full_name,
-                theirs.client_streaming, theirs.server_streaming), method.name
+        assert (
+            method.input_type.full_name,
+            method.output_type.full_name,
+            method.client_streaming,
+            method.server_streaming,
+        ) == (
+            theirs.input_type.full_name,
+            theirs.output_type.full_name,
+            theirs.client_streaming,
+            theirs.server_streaming,
+        ), method.name
     checked = 0
     for our_file, their_file in ((ours.DESCRIPTOR, triton_pb.DESCRIPTOR), (ours_mc.DESCRIPTOR, triton_mc.DESCRIPTOR)):
         theirs_by_name = dict(m for top in their_file.message_types_by_name.values() for m in _walk(top))

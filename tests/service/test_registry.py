@@ -4,12 +4,11 @@ import asyncio
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from convserve.models.export import export_checkpoint
-from concurrent.futures import ThreadPoolExecutor
-
 from convserve.service.dataplane import DataPlane
 from convserve.service.metrics import Metrics
 from convserve.service.observe import Outcome, Recorder
@@ -25,24 +24,29 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
 
     async def main():
         metrics = Metrics()
-        registry = Registry(Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000), metrics,
-                            Recorder(metrics, lambda name: True))
+        registry = Registry(
+            Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000),
+            metrics,
+            Recorder(metrics, lambda name: True),
+        )
         await registry.scan()
         plane = DataPlane(registry, ThreadPoolExecutor(2))
         old = registry.resolve("digits")
         run = old.batcher._runner
 
-        def slow_run(batch, names):   # keep version 1 busy while version 2 arrives
+        def slow_run(batch, names):  # keep version 1 busy while version 2 arrives
             time.sleep(0.005)
             return run(batch, names)
 
         old.batcher._runner = slow_run
         x = np.zeros((1, 1, 32, 32), np.float32)
-        in_flight = [asyncio.create_task(plane.infer(InferRequest("digits", "", str(i), array=x), Outcome("test")))
-                     for i in range(200)]
+        in_flight = [
+            asyncio.create_task(plane.infer(InferRequest("digits", "", str(i), array=x), Outcome("test")))
+            for i in range(200)
+        ]
         await asyncio.sleep(0.05)
         export_checkpoint(result.checkpoint, repository=str(repository), name="digits")
-        await registry.scan()   # loads version 2, then retires version 1 once its queue is empty
+        await registry.scan()  # loads version 2, then retires version 1 once its queue is empty
         finished = await asyncio.gather(*in_flight)
         after = await plane.infer(InferRequest("digits", "", "new", array=x), Outcome("test"))
         await registry.close()

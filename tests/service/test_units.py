@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from convserve.cli.base import add_flags
+from convserve.contract import PreprocessSpec
 from convserve.service import settings as settings_module
 from convserve.service.client import build_request
 from convserve.service.errors import InvalidInput
 from convserve.service.postprocess import deserialize_bytes, serialize_bytes, top_k
-from convserve.contract import PreprocessSpec
 from convserve.service.preprocess import ImageDecodeError, decode_image, preprocess_encoded
 from convserve.service.protocol import parse_infer_request
 
@@ -28,7 +28,9 @@ def test_settings_flags_over_environment_over_defaults():
     for bad in (["--max-batch-size", "0"], ["--version-policy", "newest"], ["--providers", "rocm"]):
         with pytest.raises(ValueError):
             settings_module.from_sources(parser.parse_args(bad), {})
-    assert settings_module.from_sources(parser.parse_args(["--version-policy", "specific:1,3"]), {}).specific_versions() == [1, 3]
+    assert settings_module.from_sources(
+        parser.parse_args(["--version-policy", "specific:1,3"]), {}
+    ).specific_versions() == [1, 3]
 
 
 def test_parse_request_reads_raw_contents_without_copying():
@@ -36,8 +38,10 @@ def test_parse_request_reads_raw_contents_without_copying():
     request = build_request("m", array=x, outputs=["logits", "conv1"], classification=2, fp16=["conv1"])
     parsed = parse_infer_request(request)
     assert np.array_equal(parsed.array, x) and not parsed.array.flags.owndata
-    assert [(o.name, o.classification, o.datatype) for o in parsed.outputs] == [("logits", 2, "FP32"),
-                                                                                ("conv1", 0, "FP16")]
+    assert [(o.name, o.classification, o.datatype) for o in parsed.outputs] == [
+        ("logits", 2, "FP32"),
+        ("conv1", 0, "FP16"),
+    ]
 
 
 def _request_output_twice(request):
@@ -49,15 +53,18 @@ def _timeout_as_text(request):
     request.parameters["timeout"].string_param = "soon"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "one input"),
-    (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
-    (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
-    (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
-    (_request_output_twice, "twice"),
-    (_timeout_as_text, "timeout"),
-    (lambda r: setattr(r, "model_name", ""), "model_name"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "one input"),
+        (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
+        (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
+        (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
+        (_request_output_twice, "twice"),
+        (_timeout_as_text, "timeout"),
+        (lambda r: setattr(r, "model_name", ""), "model_name"),
+    ],
+)
 def test_parse_request_errors(mutate, message):
     request = build_request("m", array=np.zeros((1, 1, 4, 4), np.float32))
     mutate(request)

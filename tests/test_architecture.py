@@ -1,0 +1,182 @@
+"""The house's shape: one import name, no import cycles, halves that meet only at the contract,
+and a serving image that runs without the training half."""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the package's folders in the repository, and the import names they carry (pyproject.toml maps them)
+FOLDERS = {"convserve": "convserve", "models": "convserve.models", "service": "convserve.service"}
+
+
+def _modules() -> dict[str, str]:
+    """Import name -> file, for every module of the package (generated protobuf code left out)."""
+    found = {}
+    for folder, prefix in FOLDERS.items():
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if not name.endswith(".py") or "_pb2" in name:
+                    continue
+                path = os.path.join(directory, name)
+                parts = os.path.relpath(path, os.path.join(ROOT, folder))[:-3].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                module = ".".join([prefix, *parts])
+                if module.startswith("convserve.models") and folder == "convserve":
+                    continue
+                found[module] = path
+    return found
+
+
+def _imports(modules: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at any depth (imports inside functions count)."""
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        with open(path) as handle:
+            tree = ast.parse(handle.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                names = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                # a package's __init__ is not an edge for its own submodules
+                if name and name != module and not module.startswith(name + "."):
+                    edges[module].add(name)
+    return edges
+
+
+def test_no_import_cycles():
+    edges = _imports(_modules())
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(module, path):
+        state[module] = 1
+        for target in sorted(edges[module]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_the_halves_meet_only_at_the_contract():
+    edges = _imports(_modules())
+
+    def reaches(module, prefix):
+        return sorted(t for t in edges[module] if t == prefix or t.startswith(prefix + "."))
+
+    for module in edges:
+        if module.startswith("convserve.service"):
+            assert not reaches(module, "convserve.models") and not reaches(module, "convserve.cli"), module
+        if module.startswith("convserve.models"):
+            assert not reaches(module, "convserve.service") and not reaches(module, "convserve.cli"), module
+    for leaf in ("convserve.contract", "convserve.cpus", "convserve.cli.base", "convserve"):
+        assert not edges[leaf], f"{leaf} imports {edges[leaf]}"
+    # both halves do use the contract
+    assert reaches("convserve.service.registry", "convserve.contract")
+    assert reaches("convserve.models.export", "convserve.contract")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = out.glob("convserve-*.whl")
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+def test_the_wheel_has_one_top_level_name(wheel):
+    tops = {name.split("/")[0] for name in wheel if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"convserve"}
+    for module, path in _modules().items():  # every module is in it, where its import name says
+        expected = module.replace(".", "/") + ("/__init__.py" if path.endswith("__init__.py") else ".py")
+        assert expected in wheel, expected
+    assert "convserve/service/proto/grpc_service_pb2.py" in wheel
+
+
+def _dockerfile_copies(dockerfile: str) -> list[tuple[str, str]]:
+    with open(os.path.join(ROOT, "deploy", dockerfile)) as handle:
+        return [tuple(m.groups()) for m in re.finditer(r"^COPY (\S+) (\S+)$", handle.read(), re.M)]
+
+
+def test_the_serving_image_runs_without_the_training_half(tmp_path):
+    """Lay out the files as deploy/Dockerfile copies them, then run the CLI from there alone."""
+    copies = _dockerfile_copies("Dockerfile")
+    assert not any(src.startswith("models") for src, _ in copies), copies
+    app = tmp_path / "app"
+    for src, dst in copies:
+        target = app / dst / os.path.basename(src) if dst.endswith("/") else app / dst
+        if os.path.isdir(os.path.join(ROOT, src)):
+            shutil.copytree(os.path.join(ROOT, src), target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(ROOT, src), target)
+    # The dev install's import hook (the editable finder) would find models/ anyway: drop it.
+    run = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                    and "editable" not in getattr(f, "__name__", "")]
+sys.path.insert(0, sys.argv.pop(1))
+try:
+    import convserve.models
+    sys.exit("the training half is importable")
+except ImportError:
+    pass
+sys.argv[0] = "convserve"
+runpy.run_module("convserve", run_name="__main__")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def convserve(*args):
+        return subprocess.run(
+            [sys.executable, "-c", run, str(app), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+
+    result = convserve("serve", "--help")
+    assert result.returncode == 0 and "--max-batch-size" in result.stdout, result.stderr
+    trained = convserve("train")
+    assert trained.returncode == 2 and "needs the training half" in trained.stderr, trained.stderr
+    missing = convserve("serve", "--repository", str(tmp_path / "app" / "pyproject.toml"))
+    assert missing.returncode == 2 and "is a file" in missing.stderr
+
+
+def test_python_dash_m_convserve_is_the_convserve_command():
+    result = subprocess.run([sys.executable, "-m", "convserve", "--help"], capture_output=True, text=True, timeout=60)
+    script = os.path.join(os.path.dirname(sys.executable), "convserve")
+    assert result.returncode == 0 and "arithmetic" in result.stdout
+    assert subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60).stdout == result.stdout
