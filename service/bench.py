@@ -1,12 +1,23 @@
-"""Benchmark: the server against in-process onnxruntime on the same model, in the same run.
+"""Benchmark: the server against the limit in-process onnxruntime sets on the same model, in one run.
 
     convserve export --arch alexnet --random-init --repository /tmp/bench --name alexnet
-    convserve bench --repository /tmp/bench --model alexnet --clients 1,16 --seconds 10
+    convserve bench --repository /tmp/bench --model alexnet --clients 1,4,16,64 --seconds 5 --json-out b.json
 
-For each client count: in-process onnxruntime (that many threads calling session.run on one image
-each, same providers and threads as the server) and the server (a real `convserve serve` process,
-that many concurrent gRPC callers from an asyncio client), each for `--seconds`. Prints images/s
-and latency percentiles, and the server's numbers as ratios of the in-process ones.
+First the limit: in-process onnxruntime (one session made as the server makes it, one thread, as the
+server's one instance) at batch sizes 1, 2, 4 ... max_batch_size, for the output sets the cases ask
+for: its best-batch throughput and its batch-1 latency. Then a real `convserve serve` process under
+that many concurrent asyncio gRPC callers, one image per request, for each case:
+
+    input        FP32 `input` over the wire, logits and probabilities back
+    image        the same image as a PNG (`image`), decoded by the server
+    fmaps        `input`, plus every conv feature map in FP32
+    fmaps-fp16   the same, feature maps in FP16
+    shm          input and outputs in system shared memory (one region pair per client)
+    shm-fmaps    the same, with every feature map
+
+Every server figure is printed as a ratio of the limit: throughput / in-process best-batch
+throughput, and p50 latency - in-process batch-1 latency. Client and server share the machine's
+cores: compare ratios from one run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -18,9 +29,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
@@ -30,8 +43,12 @@ from convserve.contract import MODEL_FILE, ModelCard, normalize, version_dir, ve
 from .client import build_request, wait_until_ready
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
+from .protocol import ShmRef
 from .runtime import ModelRuntime
 from .settings import Settings
+
+CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps")
+_DEFAULT_OUTPUTS = ["logits", "probabilities"]
 
 
 @dataclass
@@ -39,7 +56,7 @@ class Measurement:
     images: int
     seconds: float
     latencies_ms: list[float]
-    mean_batch: float = 1.0  # server only: mean size of the batches its requests ran in
+    batch_sizes: list[int] = field(default_factory=list)  # server only: the batches its requests ran in
 
     @property
     def throughput(self) -> float:
@@ -50,46 +67,53 @@ class Measurement:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+@dataclass
+class Limit:
+    """What in-process onnxruntime does alone with one output set."""
+
+    best_batch: int
+    best_images_per_s: float
+    batch1_p50_ms: float
+    images_per_s_by_batch: dict[int, float]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def in_process(runtime: ModelRuntime, x: np.ndarray, outputs: list[str], clients: int, seconds: float) -> Measurement:
-    """`clients` threads, each running session.run on its own request until time is up."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def loop():
-        mine = []
-        while time.perf_counter() < stop_at:
+def in_process_limit(runtime: ModelRuntime, x: np.ndarray, outputs: list[str], max_batch: int, seconds: float) -> Limit:
+    """Run batches of 1, 2, 4 ... max_batch copies of x (1, C, H, W) back to back, seconds/steps each."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch]
+    by_batch, batch1_ms = {}, float("nan")
+    for size in sizes:
+        batch = np.ascontiguousarray(np.repeat(x, size, axis=0))
+        runtime.run(batch, outputs)  # warm
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds / len(sizes)
+        while time.perf_counter() < stop_at or len(latencies) < 3:
             started = time.perf_counter()
-            runtime.run(x, outputs)
-            mine.append((time.perf_counter() - started) * 1000)
-        with lock:
-            latencies.extend(mine)
-
-    runtime.run(x, outputs)  # warm
-    started = time.perf_counter()
-    threads = [threading.Thread(target=loop) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return Measurement(len(latencies) * x.shape[0], time.perf_counter() - started, latencies)
+            runtime.run(batch, outputs)
+            latencies.append(time.perf_counter() - started)
+        by_batch[size] = size / statistics.fmean(latencies)
+        if size == 1:
+            batch1_ms = statistics.median(latencies) * 1000
+    best = max(by_batch, key=by_batch.__getitem__)
+    return Limit(best, by_batch[best], batch1_ms, by_batch)
 
 
-async def _over_grpc(url: str, request: pb.ModelInferRequest, clients: int, seconds: float) -> Measurement:
+async def _over_grpc(url: str, requests: Sequence[pb.ModelInferRequest], seconds: float) -> Measurement:
+    """One caller per request (each sends its own request again and again) until time is up."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
-    async with grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+    async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await stub.ModelInfer(request)  # warm
+        await asyncio.gather(*(stub.ModelInfer(r) for r in requests))  # warm, and check each works
         stop_at = time.perf_counter() + seconds
 
-        async def loop():
+        async def loop(request):
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
                 response = await stub.ModelInfer(request)
@@ -97,10 +121,67 @@ async def _over_grpc(url: str, request: pb.ModelInferRequest, clients: int, seco
                 batch_sizes.append(response.parameters["batch_size"].int64_param)
 
         started = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(clients)))
+        await asyncio.gather(*(loop(r) for r in requests))
         elapsed = time.perf_counter() - started
-    images = len(latencies) * request.inputs[0].shape[0]
-    return Measurement(images, elapsed, latencies, statistics.fmean(batch_sizes) if batch_sizes else 0.0)
+    images = len(latencies) * requests[0].inputs[0].shape[0]
+    return Measurement(images, elapsed, latencies, batch_sizes)
+
+
+class _ShmPairs:
+    """Per client, an input region (holding x) and an output region, created and registered on the server."""
+
+    def __init__(self, url: str, x: np.ndarray, output_bytes: dict[str, int]) -> None:
+        self._url, self._x, self._output_bytes = url, x, output_bytes
+        self._blocks: list[shared_memory.SharedMemory] = []
+        self._names: list[str] = []
+
+    def requests(self, model: str, outputs: list[str], clients: int) -> list[pb.ModelInferRequest]:
+        made = []
+        with grpc.insecure_channel(self._url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(clients):
+                tag = uuid.uuid4().hex[:12]
+                size_out = sum(self._output_bytes[n] for n in outputs)
+                block_in = self._block(f"cs_bench_in_{tag}", self._x.nbytes)
+                block_in.buf[: self._x.nbytes] = self._x.tobytes()  # type: ignore[index]
+                block_out = self._block(f"cs_bench_out_{tag}", size_out)
+                for block in (block_in, block_out):
+                    stub.SystemSharedMemoryRegister(
+                        pb.SystemSharedMemoryRegisterRequest(
+                            name=block.name, key="/" + block.name, byte_size=block.size
+                        )
+                    )
+                    self._names.append(block.name)
+                offset, windows = 0, {}
+                for name in outputs:
+                    windows[name] = ShmRef(block_out.name, self._output_bytes[name], offset)
+                    offset += self._output_bytes[name]
+                made.append(
+                    build_request(
+                        model,
+                        input_shm=(ShmRef(block_in.name, self._x.nbytes), self._x.shape),
+                        outputs=outputs,
+                        output_shm=windows,
+                    )
+                )
+        return made
+
+    def _block(self, name: str, size: int) -> shared_memory.SharedMemory:
+        block = shared_memory.SharedMemory(name=name, create=True, size=size)
+        self._blocks.append(block)
+        return block
+
+    def close(self) -> None:
+        try:
+            with grpc.insecure_channel(self._url) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                for name in self._names:
+                    stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name=name), timeout=5)
+        except grpc.RpcError:
+            pass  # the server is gone: it forgot them anyway
+        for block in self._blocks:
+            block.close()
+            block.unlink()
 
 
 def run(
@@ -108,31 +189,36 @@ def run(
     model: str,
     clients_list: list[int],
     seconds: float,
-    kind: str = "input",
-    feature_maps: list[str] | None = None,
-    fp16: bool = False,
-    server_args: list[str] | None = None,
-) -> list[dict]:
+    cases: Sequence[str] = CASES,
+    server_args: Sequence[str] = (),
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """Measure; returns {"model", "provider", "limits": {output set: Limit}, "rows": [...]}."""
     folder = version_dir(repository, model, versions(os.path.join(repository, model))[-1])
-    spec = ModelCard.read(folder).preprocess
+    card = ModelCard.read(folder)
+    spec = card.preprocess
     c, h, w = spec.input_shape
     pixels = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
     x = normalize(pixels[None], spec)  # (1, C, H, W): the tensor the server makes of the same image
-    outputs = ["logits", "probabilities", *(feature_maps or [])]
-    half = (feature_maps or []) if fp16 else []
-    if kind == "image":
-        from PIL import Image
+    buffer = io.BytesIO()
+    from PIL import Image
 
-        buffer = io.BytesIO()
-        Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(buffer, format="PNG")
-        request = build_request(model, images=[buffer.getvalue()], outputs=outputs, fp16=half)
-    else:
-        request = build_request(model, array=x, outputs=outputs, fp16=half)
+    Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    fmaps = [*_DEFAULT_OUTPUTS, *card.feature_map_names]
+    settings = Settings()
+    runtime = ModelRuntime(os.path.join(folder, MODEL_FILE), settings)
+    output_sets = {"logits": _DEFAULT_OUTPUTS, "fmaps": fmaps}
+    wanted_sets = {"fmaps" if "fmaps" in case else "logits" for case in cases}
+    limits = {}
+    for key in sorted(wanted_sets):
+        progress(f"in-process limit for {key} ...")
+        limits[key] = in_process_limit(runtime, x, output_sets[key], settings.max_batch_size, seconds)
+    provider = runtime.execution_provider
+    del runtime  # its threads would compete with the server's
 
-    runtime = ModelRuntime(os.path.join(folder, MODEL_FILE), Settings())
-    rows = []
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    url = f"127.0.0.1:{port}"
     server = subprocess.Popen(
         [
             sys.executable,
@@ -149,53 +235,80 @@ def run(
             "0",
             "--log-level",
             "WARNING",
-            *(server_args or []),
+            *server_args,
         ],
-        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
+    rows = []
     try:
-        wait_until_ready(f"127.0.0.1:{port}", server)
-        for clients in clients_list:
-            local = in_process(runtime, x, outputs, clients, seconds)
-            remote = asyncio.run(_over_grpc(f"127.0.0.1:{port}", request, clients, seconds))
-            rows.append(
-                {
-                    "clients": clients,
-                    "input": kind,
-                    "outputs": outputs,
-                    "in_process_images_per_s": local.throughput,
-                    "server_images_per_s": remote.throughput,
-                    "throughput_ratio": remote.throughput / local.throughput,
-                    "in_process_p50_ms": local.percentile(0.5),
-                    "server_p50_ms": remote.percentile(0.5),
-                    "in_process_p99_ms": local.percentile(0.99),
-                    "server_p99_ms": remote.percentile(0.99),
-                    "added_p50_ms": remote.percentile(0.5) - local.percentile(0.5),
-                    "server_mean_batch": remote.mean_batch,
-                    "provider": runtime.execution_provider,
-                }
-            )
+        wait_until_ready(url, server)
+        for case in cases:
+            outputs = fmaps if "fmaps" in case else _DEFAULT_OUTPUTS
+            limit = limits["fmaps" if "fmaps" in case else "logits"]
+            for clients in clients_list:
+                progress(f"server: {case}, {clients} clients ...")
+                pairs = _ShmPairs(url, x, output_bytes) if case.startswith("shm") else None
+                try:
+                    if pairs is not None:
+                        requests = pairs.requests(model, outputs, clients)
+                    else:
+                        half = card.feature_map_names if case == "fmaps-fp16" else ()
+                        one = (
+                            build_request(model, images=[png], outputs=outputs)
+                            if case == "image"
+                            else build_request(model, array=x, outputs=outputs, fp16=half)
+                        )
+                        requests = [one] * clients
+                    measured = asyncio.run(_over_grpc(url, requests, seconds))
+                finally:
+                    if pairs is not None:
+                        pairs.close()
+                rows.append(
+                    {
+                        "case": case,
+                        "clients": clients,
+                        "outputs": outputs,
+                        "server_images_per_s": measured.throughput,
+                        "throughput_ratio": measured.throughput / limit.best_images_per_s,
+                        "server_p50_ms": measured.percentile(0.5),
+                        "server_p99_ms": measured.percentile(0.99),
+                        "added_p50_ms": measured.percentile(0.5) - limit.batch1_p50_ms,
+                        "latency_ratio": measured.percentile(0.5) / limit.batch1_p50_ms,
+                        "server_mean_batch": statistics.fmean(measured.batch_sizes) if measured.batch_sizes else 0.0,
+                        "requests": len(measured.latencies_ms),
+                    }
+                )
     finally:
         server.terminate()
         server.wait(60)
-    return rows
+    return {
+        "model": model,
+        "provider": provider,
+        "seconds": seconds,
+        "limits": {k: vars(v) for k, v in limits.items()},
+        "rows": rows,
+    }
 
 
-def format_rows(rows: list[dict]) -> str:
-    header = (
-        f"{'clients':>7} {'input':>6} {'in-proc img/s':>14} {'server img/s':>13} {'ratio':>6} "
-        f"{'in-proc p50 ms':>15} {'server p50 ms':>14} {'added ms':>9} {'server p99 ms':>14} {'mean batch':>10}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
+def format_report(report: dict) -> str:
+    lines = [f"model {report['model']} on {report['provider']}; in-process limits (one thread, back-to-back runs):"]
+    for key, limit in report["limits"].items():
+        by_batch = ", ".join(f"b{b}: {v:.0f}" for b, v in limit["images_per_s_by_batch"].items())
         lines.append(
-            f"{r['clients']:>7} {r['input']:>6} {r['in_process_images_per_s']:>14.1f} "
-            f"{r['server_images_per_s']:>13.1f} {r['throughput_ratio']:>6.2f} {r['in_process_p50_ms']:>15.2f} "
-            f"{r['server_p50_ms']:>14.2f} {r['added_p50_ms']:>9.2f} {r['server_p99_ms']:>14.2f} "
+            f"  {key:<7} best batch {limit['best_batch']:>3}: {limit['best_images_per_s']:8.1f} img/s; "
+            f"batch 1 p50 {limit['batch1_p50_ms']:.2f} ms   ({by_batch})"
+        )
+    header = (
+        f"{'case':<11} {'clients':>7} {'server img/s':>13} {'× best batch':>13} {'p50 ms':>8} "
+        f"{'p50 - b1 ms':>12} {'p99 ms':>8} {'mean batch':>10}"
+    )
+    lines += ["", header, "-" * len(header)]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['case']:<11} {r['clients']:>7} {r['server_images_per_s']:>13.1f} {r['throughput_ratio']:>13.2f} "
+            f"{r['server_p50_ms']:>8.2f} {r['added_p50_ms']:>+12.2f} {r['server_p99_ms']:>8.2f} "
             f"{r['server_mean_batch']:>10.1f}"
         )
-    if rows:
-        lines.append(f"provider: {rows[0]['provider']}; outputs: {', '.join(rows[0]['outputs'])}")
     return "\n".join(lines)

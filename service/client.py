@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Optional
 
 import grpc
@@ -13,7 +14,7 @@ import numpy as np
 from .postprocess import serialize_bytes
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
-from .protocol import output_array
+from .protocol import ShmRef, output_array
 
 
 def build_request(
@@ -21,15 +22,21 @@ def build_request(
     *,
     array: Optional[np.ndarray] = None,
     images: Optional[list[bytes]] = None,
+    input_shm: Optional[tuple[ShmRef, Sequence[int]]] = None,
     outputs: Iterable[str] = (),
     classification: int = 0,
     fp16: Iterable[str] = (),
+    output_shm: Mapping[str, ShmRef] = MappingProxyType({}),
     version: str = "",
     request_id: str = "",
 ) -> pb.ModelInferRequest:
-    """A ModelInferRequest with raw contents: `array` float32 (N, C, H, W) as `input`, or `images` as `image`."""
-    if (array is None) == (images is None):
-        raise ValueError("give exactly one of array or images")
+    """A ModelInferRequest: `array` float32 (N, C, H, W) as `input`, or `images` as `image` (raw contents),
+    or `input_shm` = (region window, shape) for an FP32 `input` already in shared memory.
+
+    Outputs named in `output_shm` are written by the server into those regions instead of the response.
+    """
+    if sum(x is not None for x in (array, images, input_shm)) != 1:
+        raise ValueError("give exactly one of array, images or input_shm")
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     if array is not None:
         array = np.ascontiguousarray(array, dtype="<f4")
@@ -38,6 +45,9 @@ def build_request(
     elif images is not None:
         request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
         request.raw_input_contents.append(serialize_bytes(images))
+    elif input_shm is not None:
+        ref, shape = input_shm
+        _shm_parameters(request.inputs.add(name="input", datatype="FP32", shape=list(shape)).parameters, ref)
     fp16 = set(fp16)
     for name in outputs:
         out = request.outputs.add(name=name)
@@ -45,7 +55,16 @@ def build_request(
             out.parameters["classification"].int64_param = classification
         if name in fp16:
             out.parameters["datatype"].string_param = "FP16"
+        if name in output_shm:
+            _shm_parameters(out.parameters, output_shm[name])
     return request
+
+
+def _shm_parameters(parameters, ref: ShmRef) -> None:
+    parameters["shared_memory_region"].string_param = ref.region
+    parameters["shared_memory_byte_size"].int64_param = ref.byte_size
+    if ref.offset:
+        parameters["shared_memory_offset"].int64_param = ref.offset
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):

@@ -17,10 +17,11 @@ import numpy as np
 from .batcher import BatchResult, Job
 from .errors import InvalidInput
 from .observe import Outcome, Timings
-from .postprocess import serialize_bytes, to_wire, top_k
+from .postprocess import serialize_bytes, to_wire, top_k, wire_dtype
 from .preprocess import ImageDecodeError, preprocess_encoded
-from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput
+from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 from .registry import ModelVersion, Registry
+from .shm import SystemSharedMemory
 
 DEFAULT_OUTPUTS = ("logits", "probabilities")
 # Work on fewer bytes than this (decoding a few small images, converting a digit model's logits)
@@ -30,9 +31,10 @@ INLINE_BYTES = 64 * 1024
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, codec_executor: Executor) -> None:
+    def __init__(self, registry: Registry, codec_executor: Executor, shm: SystemSharedMemory) -> None:
         self.registry = registry
         self._codec = codec_executor  # image decoding and response tensors
+        self._shm = shm
 
     async def infer(self, request: InferRequest, outcome: Outcome, deadline: float | None = None) -> InferResult:
         """Run one request; `deadline` is time.monotonic() seconds (from the gRPC deadline)."""
@@ -40,6 +42,9 @@ class DataPlane:
         model = self.registry.resolve(request.model_name, request.model_version)
         outcome.version, outcome.stats = str(model.version), model.stats
         requested = self._outputs(model, request.outputs)
+        if request.input_shm is not None:
+            ref = request.input_shm
+            read_input(request, self._shm.view(ref.region, ref.offset, ref.byte_size, f"input {request.input_name!r}"))
         inputs = await self._inputs(model, request)
         preprocessed = time.perf_counter_ns()
         if request.timeout_us:
@@ -55,10 +60,10 @@ class DataPlane:
         computed = time.perf_counter_ns()
         size = sum(batch.outputs[o.name].nbytes for o in requested)
         if size <= INLINE_BYTES:
-            tensors, feature_bytes = _response_tensors(model, requested, batch)
+            tensors, feature_bytes = _response_tensors(model, requested, batch, self._shm)
         else:
             tensors, feature_bytes = await asyncio.get_running_loop().run_in_executor(
-                self._codec, _response_tensors, model, requested, batch
+                self._codec, _response_tensors, model, requested, batch, self._shm
             )
         done = time.perf_counter_ns()
         outcome.feature_map_bytes = feature_bytes
@@ -108,18 +113,33 @@ class DataPlane:
 
 
 def _response_tensors(
-    model: ModelVersion, requested: list[RequestedOutput], batch: BatchResult
+    model: ModelVersion, requested: list[RequestedOutput], batch: BatchResult, shm: SystemSharedMemory
 ) -> tuple[list[OutputTensor], int]:
-    """The requested outputs as wire tensors (top-k strings, FP16 ...), and the feature-map bytes among them."""
+    """The requested outputs as wire tensors (top-k strings, FP16 ...), or written into their shared-memory
+    regions; and the feature-map bytes among them."""
     tensors, feature_bytes = [], 0
     for wanted in requested:
         value = batch.outputs[wanted.name]
         if wanted.classification:
             strings = top_k(value, wanted.classification, model.labels)
-            tensors.append(OutputTensor(wanted.name, "BYTES", strings.shape, serialize_bytes(strings.ravel())))
+            datatype, shape, data = "BYTES", strings.shape, serialize_bytes(strings.ravel())
+            size = len(data)
         else:
-            data = to_wire(value, wanted.datatype)
+            datatype, shape = wanted.datatype, value.shape
+            size = value.size * np.dtype(wire_dtype(datatype)).itemsize
+            data = to_wire(value, datatype) if wanted.shm is None else b""
             if wanted.name in model.feature_maps:
-                feature_bytes += len(data)
-            tensors.append(OutputTensor(wanted.name, wanted.datatype, value.shape, data))
+                feature_bytes += size
+        if wanted.shm is None:
+            tensors.append(OutputTensor(wanted.name, datatype, shape, data))
+            continue
+        ref, what = wanted.shm, f"output {wanted.name!r}"
+        if size > ref.byte_size:
+            raise InvalidInput(f"{what} needs {size} bytes; its shared-memory window has {ref.byte_size}")
+        view = shm.view(ref.region, ref.offset, size, what)
+        if datatype == "BYTES":
+            view[:] = data
+        else:  # converted straight into the region: one copy, no intermediate bytes
+            np.copyto(np.frombuffer(view, dtype=wire_dtype(datatype)).reshape(shape), value, casting="same_kind")
+        tensors.append(OutputTensor(wanted.name, datatype, shape, b"", ref))
     return tensors, feature_bytes

@@ -17,8 +17,16 @@ class InvalidInput(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class ModelNotFound(ServingError):
+class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class AlreadyExists(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class ModelNotReady(ServingError):
@@ -35,6 +43,10 @@ class DeadlineExceeded(ServingError):
 
 class ShuttingDown(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(ServingError):
+    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class LoadFailed(ServingError):

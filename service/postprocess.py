@@ -32,7 +32,7 @@ def serialize_bytes(elements) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(raw: bytes) -> list[bytes]:
+def deserialize_bytes(raw: bytes | memoryview) -> list[bytes]:
     """The inverse of serialize_bytes; raises ValueError on a truncated buffer."""
     out, offset, view = [], 0, memoryview(raw)
     while offset < len(raw):
@@ -47,9 +47,14 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
     return out
 
 
+def wire_dtype(datatype: str) -> str:
+    """numpy's little-endian dtype for an output datatype (FP32 or FP16)."""
+    return "<f2" if datatype == "FP16" else "<f4"
+
+
 def to_wire(array: np.ndarray, datatype: str) -> bytes:
     """A numeric output as little-endian row-major bytes in `datatype` (FP32 or FP16)."""
-    dtype = "<f2" if datatype == "FP16" else "<f4"
+    dtype = wire_dtype(datatype)
     if array.dtype != np.dtype(dtype):
         array = array.astype(dtype)
     return array.tobytes()

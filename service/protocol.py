@@ -18,11 +18,21 @@ from .proto import grpc_service_pb2 as pb
 _DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 
 
+@dataclass(frozen=True)
+class ShmRef:
+    """Where a tensor's bytes lie in a registered system shared-memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
 @dataclass
 class RequestedOutput:
     name: str
     classification: int = 0  # top-k as BYTES strings when > 0
     datatype: str = "FP32"  # FP16 halves a feature map's bytes
+    shm: Optional[ShmRef] = None  # write it there instead of into the response
 
 
 @dataclass
@@ -30,17 +40,20 @@ class InferRequest:
     model_name: str
     model_version: str
     id: str
+    input_name: str = "input"  # "input" or "image"
+    shape: tuple[int, ...] = ()  # as the request states it
     array: Optional[np.ndarray] = None  # for "input": float32 (N, C, H, W)
     images: Optional[list[bytes]] = None  # for "image": encoded PNG/JPEG, N of them
+    input_shm: Optional[ShmRef] = None  # the input's bytes are there: the data plane reads them (read_input)
     outputs: list[RequestedOutput] = field(default_factory=list)
     timeout_us: Optional[int] = None
 
     @property
     def batch(self) -> int:
+        """Images in the request (known before any shared-memory input is read)."""
         if self.images is not None:
             return len(self.images)
-        assert self.array is not None
-        return self.array.shape[0]
+        return self.array.shape[0] if self.array is not None else self.shape[0]
 
 
 @dataclass
@@ -48,7 +61,8 @@ class OutputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes  # empty when the tensor went to shared memory
+    shm: Optional[ShmRef] = None
 
 
 @dataclass
@@ -62,6 +76,22 @@ class InferResult:
 def _param_value(param: pb.InferParameter):
     kind = param.WhichOneof("parameter_choice")
     return None if kind is None else getattr(param, kind)
+
+
+def _shm_ref(parameters, what: str) -> Optional[ShmRef]:
+    """The shared_memory_* parameters of an input or a requested output, checked; None without them."""
+    if "shared_memory_region" not in parameters:
+        return None
+    region = _param_value(parameters["shared_memory_region"])
+    if not isinstance(region, str) or not region:
+        raise InvalidInput(f"{what}: shared_memory_region must be a region name")
+    numbers = {}
+    for key in ("shared_memory_byte_size", "shared_memory_offset"):
+        value = _param_value(parameters[key]) if key in parameters else (None if key.endswith("size") else 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInput(f"{what}: {key} must be a non-negative integer")
+        numbers[key] = value
+    return ShmRef(region, numbers["shared_memory_byte_size"], numbers["shared_memory_offset"])
 
 
 def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
@@ -85,48 +115,40 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input shape {list(shape)} has a negative dimension")
+    expected = {"image": ("BYTES", 1, "[N]"), "input": ("FP32", 4, "[N, C, H, W]")}
+    if tensor.name not in expected:
+        raise InvalidInput(f"unknown input {tensor.name!r}; a served CNN takes 'input' (FP32) or 'image' (BYTES)")
+    datatype, rank, form = expected[tensor.name]
+    if tensor.datatype != datatype:
+        raise InvalidInput(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
+    if len(shape) != rank:
+        raise InvalidInput(f"input {tensor.name!r} must have shape {form}, not {list(shape)}")
+    if shape[0] < 1:
+        raise InvalidInput("the batch is empty")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
-    if raw is not None and tensor.HasField("contents"):
-        raise InvalidInput(f"input {tensor.name!r} has both raw and typed contents")
-    parsed = InferRequest(request.model_name, request.model_version, request.id, timeout_us=timeout_us)
-    if tensor.name == "image":
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(f"input 'image' must be BYTES, not {tensor.datatype}")
-        if len(shape) != 1:
-            raise InvalidInput(f"input 'image' must have shape [N], not {list(shape)}")
-        try:
-            images = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
-        except ValueError as exc:
-            raise InvalidInput(f"input 'image': {exc}") from None
-        if len(images) != shape[0]:
-            raise InvalidInput(f"input 'image' has shape [{shape[0]}] but holds {len(images)} elements")
-        parsed.images = images
-    elif tensor.name == "input":
-        if tensor.datatype != "FP32":
-            raise InvalidInput(f"input 'input' must be FP32, not {tensor.datatype}")
-        if len(shape) != 4:
-            raise InvalidInput(f"input 'input' must have shape [N, C, H, W], not {list(shape)}")
-        count = int(np.prod(shape))
+    shm = _shm_ref(tensor.parameters, f"input {tensor.name!r}")
+    if sum((raw is not None, tensor.HasField("contents"), shm is not None)) > 1:
+        raise InvalidInput(f"input {tensor.name!r} has its data in more than one place (raw, typed, shared memory)")
+    parsed = InferRequest(
+        request.model_name, request.model_version, request.id, tensor.name, shape, input_shm=shm, timeout_us=timeout_us
+    )
+    if shm is None:
         if raw is not None:
-            if len(raw) != count * 4:
-                raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count * 4} bytes, got {len(raw)}")
-            array = np.frombuffer(raw, dtype="<f4").reshape(shape)
+            read_input(parsed, raw)
+        elif tensor.name == "image":
+            _set_images(parsed, list(tensor.contents.bytes_contents))
         else:
             values = tensor.contents.fp32_contents
+            count = int(np.prod(shape))
             if len(values) != count:
                 raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
-            array = np.asarray(values, dtype=np.float32).reshape(shape)
-        parsed.array = array
-    else:
-        raise InvalidInput(f"unknown input {tensor.name!r}; a served CNN takes 'input' (FP32) or 'image' (BYTES)")
-    if parsed.batch < 1:
-        raise InvalidInput("the batch is empty")
+            parsed.array = np.asarray(values, dtype=np.float32).reshape(shape)
     seen = set()
     for out in request.outputs:
         if out.name in seen:
             raise InvalidInput(f"output {out.name!r} is requested twice")
         seen.add(out.name)
-        wanted = RequestedOutput(out.name)
+        wanted = RequestedOutput(out.name, shm=_shm_ref(out.parameters, f"output {out.name!r}"))
         for key, param in out.parameters.items():
             value = _param_value(param)
             if key == "classification":
@@ -142,10 +164,38 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     return parsed
 
 
+def read_input(request: InferRequest, raw: bytes | memoryview) -> None:
+    """Fill the request's array or images from the input's bytes (raw contents or a shared-memory view).
+
+    FP32 input becomes an array over the very bytes (np.frombuffer: no copy).
+    """
+    if request.input_name == "image":
+        try:
+            _set_images(request, deserialize_bytes(raw))
+        except ValueError as exc:
+            raise InvalidInput(f"input 'image': {exc}") from None
+        return
+    count = int(np.prod(request.shape))
+    if len(raw) != count * 4:
+        raise InvalidInput(f"input 'input' of shape {list(request.shape)} needs {count * 4} bytes, got {len(raw)}")
+    request.array = np.frombuffer(raw, dtype="<f4").reshape(request.shape)
+
+
+def _set_images(request: InferRequest, images: list[bytes]) -> None:
+    if len(images) != request.shape[0]:
+        raise InvalidInput(f"input 'image' has shape [{request.shape[0]}] but holds {len(images)} elements")
+    request.images = images
+
+
 def build_infer_response(request: InferRequest, result: InferResult) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version, id=request.id)
     for tensor in result.outputs:
-        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        out = response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.shm is not None:  # as Triton: the region is named back, the contents entry stays empty
+            out.parameters["shared_memory_region"].string_param = tensor.shm.region
+            out.parameters["shared_memory_byte_size"].int64_param = tensor.shm.byte_size
+            out.parameters["shared_memory_offset"].int64_param = tensor.shm.offset
+        # one entry per output, empty for shared memory, so clients find each output's bytes by index
         response.raw_output_contents.append(tensor.data)
     for key, value in result.parameters.items():
         if isinstance(value, str):

@@ -33,6 +33,7 @@ from .proto import introspection_pb2_grpc as ipb_grpc
 from .registry import Registry
 from .servicer import InferenceServicer, ServerState
 from .settings import Settings
+from .shm import SystemSharedMemory
 
 log = logging.getLogger("convserve")
 
@@ -54,7 +55,8 @@ class Server:
         # Image decoding and response tensors: CPU work that must stay off the event loop; as many
         # threads as CPUs, since more would only queue for the same cores.
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
-        self.dataplane = DataPlane(self.registry, self.codec_executor)
+        self.shm = SystemSharedMemory()
+        self.dataplane = DataPlane(self.registry, self.codec_executor, self.shm)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
         self._poller: Optional[asyncio.Task] = None
@@ -81,7 +83,8 @@ class Server:
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.registry, self.dataplane, s, lambda: self.state, self.recorder), self.grpc_server
+            InferenceServicer(self.registry, self.dataplane, s, lambda: self.state, self.recorder, self.shm),
+            self.grpc_server,
         )
         ipb_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.registry, self.recorder), self.grpc_server
@@ -140,6 +143,7 @@ class Server:
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.grace_period)
         await self.registry.close()
+        self.shm.close()
         await asyncio.to_thread(self.codec_executor.shutdown, wait=True)
         if self._metrics_server is not None:
             server, _thread = self._metrics_server

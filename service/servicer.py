@@ -21,7 +21,7 @@ import grpc
 from convserve import __version__
 
 from .dataplane import DataPlane
-from .errors import InvalidInput, ServingError, ShuttingDown, status_of
+from .errors import InvalidInput, ServingError, ShuttingDown, Unimplemented, status_of
 from .observe import Outcome, Recorder
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
@@ -29,6 +29,7 @@ from .proto import model_config_pb2 as mc
 from .protocol import build_infer_response, parse_infer_request
 from .registry import ModelState, Registry
 from .settings import Settings
+from .shm import SystemSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ EXTENSIONS = [
     "model_configuration",
     "binary_tensor_data",
     "convserve_feature_maps",
+    "system_shared_memory",
 ]
+# CUDA shared memory needs cudaIpc handles opened on a GPU; it is not built until it can be tested there.
+_NO_CUDA_SHM = "CUDA shared memory is not supported by this server yet; use system shared memory"
 # Responses a stream may hold unwritten before the server stops reading that stream's requests:
 # a client that sends and never reads gets back-pressure (HTTP/2 flow control), not server memory.
 STREAM_PENDING_LIMIT = 32
@@ -85,7 +89,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         settings: Settings,
         server_state: Callable[[], ServerState],
         recorder: Recorder,
+        shm: SystemSharedMemory,
     ) -> None:
+        self.shm = shm
         self.registry = registry
         self.dataplane = dataplane
         self.settings = settings
@@ -207,6 +213,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context, outcome):
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # ---- shared memory -------------------------------------------------------------------------
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context, outcome):
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context, outcome):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context, outcome):
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request, context, outcome):
+        raise Unimplemented(_NO_CUDA_SHM)
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request, context, outcome):
+        raise Unimplemented(_NO_CUDA_SHM)
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request, context, outcome):
+        raise Unimplemented(_NO_CUDA_SHM)
 
     # ---- inference ---------------------------------------------------------------------------
 

@@ -152,19 +152,23 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
+    from convserve.service.bench import CASES
+
     p.add_argument("--repository", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--clients", default="1,16", help="comma list of concurrent client counts")
-    p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    p.add_argument("--input-kind", choices=["input", "image"], default="input")
-    p.add_argument("--feature-map", action="append", default=[], help="also request this feature map")
-    p.add_argument("--fp16", action="store_true", help="feature maps as FP16")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent client counts")
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--server-arg", action="append", default=[], help="an extra `convserve serve` flag (repeatable)")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import sys
+
     from convserve.contract import versions
-    from convserve.service.bench import format_rows, run
+    from convserve.service.bench import CASES, format_report, run
 
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -172,10 +176,24 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError("--clients must be a comma list of integers") from None
     if not clients or min(clients) < 1:
         raise UsageError("--clients must be positive integers")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or set(cases) - set(CASES):
+        raise UsageError(f"--cases takes {', '.join(CASES)}")
     if not versions(os.path.join(args.repository, args.model)):
         raise UsageError(f"no model {args.model!r} in {args.repository!r}")
-    rows = run(args.repository, args.model, clients, args.seconds, args.input_kind, args.feature_map, args.fp16)
-    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    report = run(
+        args.repository,
+        args.model,
+        clients,
+        args.seconds,
+        cases,
+        args.server_arg,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(report, handle, indent=2)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

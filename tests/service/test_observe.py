@@ -97,7 +97,7 @@ def test_a_stream_that_is_not_read_is_not_read_from(monkeypatch):
         async def _infer(self, request, outcome, deadline):
             return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
-    servicer = Servicer(None, None, None, lambda: ServerState.READY, Recorder(Metrics(), lambda name: True))
+    servicer = Servicer(None, None, None, lambda: ServerState.READY, Recorder(Metrics(), lambda name: True), None)
 
     async def requests():
         for i in range(1000):

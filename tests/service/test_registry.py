@@ -15,6 +15,7 @@ from convserve.service.observe import Outcome, Recorder
 from convserve.service.protocol import InferRequest
 from convserve.service.registry import ModelState, Registry
 from convserve.service.settings import Settings
+from convserve.service.shm import SystemSharedMemory
 
 
 def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_path):
@@ -30,7 +31,7 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
             Recorder(metrics, lambda name: True),
         )
         await registry.scan()
-        plane = DataPlane(registry, ThreadPoolExecutor(2))
+        plane = DataPlane(registry, ThreadPoolExecutor(2), SystemSharedMemory())
         old = registry.resolve("digits")
         run = old.batcher._runner
 
