@@ -6,6 +6,7 @@ bytes and placed in raw_output_contents.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -139,7 +140,7 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
             _set_images(parsed, list(tensor.contents.bytes_contents))
         else:
             values = tensor.contents.fp32_contents
-            count = int(np.prod(shape))
+            count = math.prod(shape)
             if len(values) != count:
                 raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
             parsed.array = np.asarray(values, dtype=np.float32).reshape(shape)
@@ -175,7 +176,7 @@ def read_input(request: InferRequest, raw: bytes | memoryview) -> None:
         except ValueError as exc:
             raise InvalidInput(f"input 'image': {exc}") from None
         return
-    count = int(np.prod(request.shape))
+    count = math.prod(request.shape)
     if len(raw) != count * 4:
         raise InvalidInput(f"input 'input' of shape {list(request.shape)} needs {count * 4} bytes, got {len(raw)}")
     request.array = np.frombuffer(raw, dtype="<f4").reshape(request.shape)

@@ -44,6 +44,9 @@ class Settings:
     # runs times threads never exceed the CPUs this process may use: oversubscribed cores only switch
     intra_op_threads: Optional[int] = _opt(None, "onnxruntime intra-op threads per run (default CPUs / instances)")
     inter_op_threads: int = _opt(1, "onnxruntime inter-op threads per run")
+    intra_op_spinning: str = _opt(
+        "auto", "onnxruntime intra-op threads spin between runs: auto (off on CPU, on with a GPU provider), on, off"
+    )
     cuda_device_id: int = _opt(0, "GPU to run on")
     cudnn_conv_algo_search: str = _opt(
         "EXHAUSTIVE", "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT"
@@ -66,6 +69,8 @@ class Settings:
             and all(v.strip().isdigit() for v in policy[len("specific:") :].split(",") if v.strip())
         ):
             raise ValueError(f"version_policy must be latest, all or specific:1,2 — not {policy!r}")
+        if self.intra_op_spinning not in ("auto", "on", "off"):
+            raise ValueError("intra_op_spinning must be auto, on or off")
         if self.cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
             raise ValueError("cudnn_conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT")
         for name in self.provider_list():

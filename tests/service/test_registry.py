@@ -56,3 +56,15 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
     old, finished, after = asyncio.run(main())
     assert len(finished) == 200 and all(result.model_version == "1" for result in finished)
     assert old.state is ModelState.UNAVAILABLE and after.model_version == "2"
+
+
+def test_intra_op_spinning_is_off_on_the_cpu_unless_asked_for(trained):
+    from convserve.service.runtime import ModelRuntime
+
+    path = os.path.join(trained[1], "model.onnx")
+
+    def spinning(**kwargs):
+        options = ModelRuntime(path, Settings(providers="cpu", **kwargs)).session.get_session_options()
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning() == "0" and spinning(intra_op_spinning="on") == "1" and spinning(intra_op_spinning="off") == "0"
