@@ -9,7 +9,9 @@ writes (the request recorder, the registry); a second instance never clashes wit
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -53,9 +55,15 @@ class _QueueDepth(Collector):
 
 
 class Metrics:
-    """Every convserve metric, in one registry of its own."""
+    """Every convserve metric, in one registry of its own.
+
+    Under `--workers N` (PROMETHEUS_MULTIPROC_DIR set) every worker writes its values to files that
+    the supervisor aggregates: gauges say how (livesum: added over live workers), and the queue
+    depth, read at scrape time in a lone server, is refreshed by the worker instead (`refresh`).
+    """
 
     def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -90,10 +98,26 @@ class Metrics:
         )
         self.images = Counter("convserve_images_total", "images inferred", ["model"], registry=r)
         self._queue_depth = _QueueDepth()
-        r.register(self._queue_depth)
-        self.in_flight = Gauge("convserve_requests_in_flight", "gRPC requests being served", registry=r)
+        self._queue_depth_gauge: Optional[Gauge] = None
+        if self.multiprocess:
+            self._queue_depth_gauge = Gauge(
+                "convserve_queue_depth",
+                "requests waiting in the batcher",
+                ["model"],
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+        else:
+            r.register(self._queue_depth)
+        self.in_flight = Gauge(
+            "convserve_requests_in_flight", "gRPC requests being served", registry=r, multiprocess_mode="livesum"
+        )
         self.model_ready = Gauge(
-            "convserve_model_ready", "1 when the model version serves", ["model", "version"], registry=r
+            "convserve_model_ready",
+            "1 when the model version serves",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.load_failures = Counter(
             "convserve_model_load_failures_total", "model versions that failed validation", ["model"], registry=r
@@ -105,6 +129,12 @@ class Metrics:
     def read_queue_depth_from(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Where convserve_queue_depth comes from: model name -> requests waiting, read at each scrape."""
         self._queue_depth.source = source
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write the values that a lone server reads at scrape time."""
+        if self._queue_depth_gauge is not None:
+            for model, depth in self._queue_depth.source().items():
+                self._queue_depth_gauge.labels(model).set(depth)
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""

@@ -34,6 +34,7 @@ from .registry import Registry
 from .servicer import InferenceServicer, ServerState
 from .settings import Settings
 from .shm import SystemSharedMemory
+from .workers import worker_identity
 
 log = logging.getLogger("convserve")
 
@@ -60,6 +61,7 @@ class Server:
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
         self._poller: Optional[asyncio.Task] = None
+        self._refresher: Optional[asyncio.Task] = None
         self._metrics_server = None
 
     async def _update_health(self) -> None:
@@ -78,7 +80,8 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # workers share the port; a lone server must not share it with a stray process
+            ("grpc.so_reuseport", 1 if worker_identity() else 0),
         ]
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -124,6 +127,8 @@ class Server:
             log.info("serving %s version %d (%s)", model.name, model.version, model.execution_provider)
         if s.poll_interval:
             self._poller = asyncio.create_task(self._poll())
+        if self.metrics.multiprocess:
+            self._refresher = asyncio.create_task(self._refresh_metrics())
         return self.port
 
     async def _poll(self) -> None:
@@ -134,12 +139,18 @@ class Server:
             except Exception:
                 log.exception("repository scan failed")
 
+    async def _refresh_metrics(self) -> None:
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(1.0)
+
     async def stop(self) -> None:
         """NOT_SERVING, refuse new requests, finish those in flight within the grace period."""
         self.state = ServerState.STOPPING
         await self._update_health()
-        if self._poller:
-            self._poller.cancel()
+        for task in (self._poller, self._refresher):
+            if task is not None:
+                task.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.grace_period)
         await self.registry.close()

@@ -30,6 +30,7 @@ from .protocol import build_infer_response, parse_infer_request
 from .registry import ModelState, Registry
 from .settings import Settings
 from .shm import SystemSharedMemory
+from .workers import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name and not models:
             self.registry.resolve(request.name, request.version)  # raises the right error
         response = pb.ModelStatisticsResponse()
+        if worker_identity():  # statistics are this process's own: say which one
+            context.set_trailing_metadata((("convserve-worker", worker_identity()),))
         for model in models:
             s = model.stats
             entry = response.model_stats.add(

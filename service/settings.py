@@ -52,6 +52,7 @@ class Settings:
         "EXHAUSTIVE", "cuDNN convolution algorithm search: EXHAUSTIVE, HEURISTIC, DEFAULT"
     )
     gpu_mem_limit_bytes: int = _opt(0, "CUDA arena limit in bytes (0: none)")
+    workers: int = _opt(1, "server processes sharing the gRPC port (SO_REUSEPORT); metrics aggregated across them")
     # lifecycle
     grace_period: float = _opt(30.0, "seconds to finish in-flight requests on SIGTERM")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
@@ -61,6 +62,8 @@ class Settings:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
         if self.max_queue_delay_ms < 0 or self.poll_interval < 0 or self.grace_period < 0:
             raise ValueError("delays, intervals and grace periods cannot be negative")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
         if self.instances is not None and self.instances < 1:
             raise ValueError("instances must be at least 1")
         policy = self.version_policy

@@ -32,6 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
     if os.path.exists(settings.repository) and not os.path.isdir(settings.repository):
         raise UsageError(f"repository {settings.repository!r} is a file, not a folder")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from convserve.service.workers import run_workers
+
+        return run_workers(settings)
     try:
         asyncio.run(serve(settings))
     except OSError as exc:
