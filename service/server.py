@@ -111,6 +111,12 @@ class Server:
         await self._update_health()
         if s.metrics_port:
             self._metrics_server = self.metrics.serve(s.metrics_port, s.host)
+        if not os.path.isdir(self.registry.repository):
+            log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
+        # A lone server listens while it loads (health says NOT_SERVING meanwhile); a worker loads first,
+        # since the kernel would hand it connections from the port it shares before it could serve them.
+        if worker_identity():
+            await self.registry.scan()
         await self.grpc_server.start()
         log.info(
             "listening on %s:%d (gRPC), %s",
@@ -118,9 +124,8 @@ class Server:
             self.port,
             f"metrics on :{s.metrics_port}/metrics" if s.metrics_port else "no metrics endpoint",
         )
-        if not os.path.isdir(self.registry.repository):
-            log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
-        await self.registry.scan()
+        if not worker_identity():
+            await self.registry.scan()
         self.state = ServerState.READY
         await self._update_health()
         for model in self.registry.ready_models():

@@ -19,7 +19,11 @@ def test_two_workers_both_serve_and_their_metrics_add_up(served_repository):
     try:
         served: dict[str, int] = {}
         sent = 0
-        for _ in range(16):  # a new connection each time: the kernel spreads connections, not requests
+        # A new connection each time: the kernel spreads connections, not requests. The second worker
+        # may still be loading when the first answers: go on until both have answered.
+        for attempt in range(200):
+            if attempt >= 16 and len(served) == 2:
+                break
             with grpc.insecure_channel(server.url, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 for _ in range(3):
