@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -122,7 +122,9 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.update(mean=list(self.mean), std=list(self.std), color_mode=self.mode, channel_order=self.mode)
+        data.update(
+            mean=list(self.mean), std=list(self.std), color_mode=self.mode, channel_order=self.mode, decoding=DECODING
+        )
         return data
 
     @classmethod
@@ -139,8 +141,31 @@ class PreprocessSpec:
         )
 
 
+# What happens to an image before the spec's resize, recorded in model.json with the spec.
+DECODING = {
+    "exif_orientation": "applied (a photo is classified upright, as it is shown)",
+    "16_bit": "scaled to 8 bits (value >> 8), not clipped",
+    "palette": "expanded to its colours",
+    "alpha": "dropped (the colour channels are kept as stored)",
+}
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """An image as it is shown, at 8 bits per channel: EXIF orientation applied, 16-bit greyscale
+    scaled down (PIL's own conversion would clip every value above 255 to white)."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    return image
+
+
 def resize_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """A PIL image -> uint8 array (H, W, C) at the spec's size and colour mode."""
+    """A PIL image -> uint8 array (H, W, C) at the spec's size and colour mode (after upright_8bit)."""
+    image = upright_8bit(image)
     if image.mode != spec.mode:
         image = image.convert(spec.mode)
     if image.size != (spec.width, spec.height):

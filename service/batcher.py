@@ -27,6 +27,12 @@ from .errors import DeadlineExceeded, InvalidInput, ModelNotReady, QueueFull
 Runner = Callable[[np.ndarray, list[str]], list[np.ndarray]]
 
 
+def check_batch_size(images: int, max_batch_size: int) -> None:
+    """The one rule: a request may hold at most one batch of images."""
+    if images > max_batch_size:
+        raise InvalidInput(f"batch of {images} exceeds max_batch_size {max_batch_size}")
+
+
 @dataclass
 class Job:
     """One request's share of a batch."""
@@ -91,8 +97,7 @@ class Batcher:
 
     def check_size(self, images: int) -> None:
         """Refuse a request larger than one batch (callers check before they decode anything)."""
-        if images > self.max_batch_size:
-            raise InvalidInput(f"batch of {images} exceeds max_batch_size {self.max_batch_size}")
+        check_batch_size(images, self.max_batch_size)
 
     def submit(self, job: Job) -> asyncio.Future:
         """Queue a job; its future resolves to a BatchResult. Raises QueueFull / ModelNotReady at once."""

@@ -32,10 +32,14 @@ def serialize_bytes(elements) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(raw: bytes | memoryview) -> list[bytes]:
-    """The inverse of serialize_bytes; raises ValueError on a truncated buffer."""
-    out, offset, view = [], 0, memoryview(raw)
+def deserialize_bytes(raw: bytes | memoryview, most: int | None = None) -> list[bytes]:
+    """The inverse of serialize_bytes; raises ValueError on a truncated buffer, or past `most` elements
+    (so a buffer of millions of empty elements costs no more than `most` of them)."""
+    out: list[bytes] = []
+    offset, view = 0, memoryview(raw)
     while offset < len(raw):
+        if most is not None and len(out) == most:
+            raise ValueError(f"BYTES contents hold more than {most} elements")
         if offset + 4 > len(raw):
             raise ValueError("BYTES contents end inside a 4-byte length")
         (length,) = struct.unpack_from("<I", raw, offset)

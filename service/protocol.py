@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from .batcher import check_batch_size
 from .errors import InvalidInput
 from .postprocess import deserialize_bytes
 from .proto import grpc_service_pb2 as pb
@@ -95,8 +96,12 @@ def _shm_ref(parameters, what: str) -> Optional[ShmRef]:
     return ShmRef(region, numbers["shared_memory_byte_size"], numbers["shared_memory_offset"])
 
 
-def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
-    """Check a ModelInferRequest's wire-level consistency and turn it into an InferRequest."""
+def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | None = None) -> InferRequest:
+    """Check a ModelInferRequest's wire-level consistency and turn it into an InferRequest.
+
+    Counts and sizes are checked before anything is unpacked: the work done is bounded by
+    max_batch_size, not by what the request claims.
+    """
     if not request.model_name:
         raise InvalidInput("model_name is empty")
     if len(request.inputs) != 1:
@@ -126,6 +131,8 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         raise InvalidInput(f"input {tensor.name!r} must have shape {form}, not {list(shape)}")
     if shape[0] < 1:
         raise InvalidInput("the batch is empty")
+    if max_batch_size is not None:
+        check_batch_size(shape[0], max_batch_size)
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     shm = _shm_ref(tensor.parameters, f"input {tensor.name!r}")
     if sum((raw is not None, tensor.HasField("contents"), shm is not None)) > 1:
@@ -137,6 +144,10 @@ def parse_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         if raw is not None:
             read_input(parsed, raw)
         elif tensor.name == "image":
+            if len(tensor.contents.bytes_contents) != shape[0]:  # checked before the list is copied
+                raise InvalidInput(
+                    f"input 'image' has shape [{shape[0]}] but holds {len(tensor.contents.bytes_contents)} elements"
+                )
             _set_images(parsed, list(tensor.contents.bytes_contents))
         else:
             values = tensor.contents.fp32_contents
@@ -172,7 +183,7 @@ def read_input(request: InferRequest, raw: bytes | memoryview) -> None:
     """
     if request.input_name == "image":
         try:
-            _set_images(request, deserialize_bytes(raw))
+            _set_images(request, deserialize_bytes(raw, most=request.shape[0]))
         except ValueError as exc:
             raise InvalidInput(f"input 'image': {exc}") from None
         return

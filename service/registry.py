@@ -158,7 +158,8 @@ class Registry:
         self._metrics = metrics
         self._recorder = recorder
         self._served: dict[str, dict[int, ModelVersion]] = {}
-        self._failed: dict[tuple[str, int], tuple[str, float]] = {}  # (name, version) -> (reason, mtime)
+        # (name, version) -> (reason, fingerprint of its files when it failed)
+        self._failed: dict[tuple[str, int], tuple[str, tuple]] = {}
         self._loading: set[tuple[str, int]] = set()
         self._unloaded: set[str] = set()  # names unloaded on request: scans leave them alone
         # Session runs: the batchers bound how many run at once; threads that wait cost nothing.
@@ -256,6 +257,9 @@ class Registry:
     async def scan(self) -> None:
         """Bring the served set in line with the repository and the version policy."""
         async with self._lock:
+            on_disk = set(await self._in_thread(self._disk_versions))
+            for key in [k for k in self._failed if k not in on_disk]:  # removed: it leaves the index
+                del self._failed[key]
             names = set(await self._in_thread(model_names, self.repository)) - self._unloaded
             for name in sorted(names):
                 await self._sync_model(name, retry_failed=False)
@@ -312,11 +316,11 @@ class Registry:
                     break
                 continue
             path = os.path.join(self.repository, name, str(version))
-            mtime = await self._in_thread(_mtime, path)
+            files = await self._in_thread(_fingerprint, path)
             failure = self._failed.get((name, version))
-            if failure and not retry_failed and failure[1] == mtime:
+            if failure and not retry_failed and failure[1] == files:
                 continue  # failed before and unchanged since: do not retry on every scan
-            model = await self._validate(name, version, path, mtime)
+            model = await self._validate(name, version, path, files)
             if model is not None:
                 served[version] = model
                 keep.add(version)
@@ -327,7 +331,7 @@ class Registry:
         if not self._served.get(name):
             self._served.pop(name, None)
 
-    async def _validate(self, name: str, version: int, path: str, mtime: float) -> Optional[ModelVersion]:
+    async def _validate(self, name: str, version: int, path: str, files: tuple) -> Optional[ModelVersion]:
         key = (name, version)
         self._loading.add(key)
         try:
@@ -335,7 +339,7 @@ class Registry:
                 self.load_executor, validate_version, path, name, version, self.settings
             )
         except LoadFailed as exc:
-            self._failed[key] = (str(exc), mtime)
+            self._failed[key] = (str(exc), files)
             self._metrics.load_failures.labels(name).inc()
             log.error("model %s version %s refused: %s", name, version, exc)
             return None
@@ -359,8 +363,14 @@ class Registry:
             del self._served[name]
 
 
-def _mtime(path: str) -> float:
-    try:
-        return max(os.stat(os.path.join(path, f)).st_mtime for f in (CARD_FILE, MODEL_FILE))
-    except OSError:
-        return os.stat(path).st_mtime if os.path.exists(path) else 0.0
+def _fingerprint(path: str) -> tuple:
+    """What changes when a version folder's files are rewritten, replaced or re-permissioned (chmod
+    changes ctime): a failed version is retried when this changes, not on every scan."""
+    marks: list[tuple[int, ...] | None] = []
+    for name in ("", CARD_FILE, MODEL_FILE):
+        try:
+            info = os.stat(os.path.join(path, name) if name else path)
+            marks.append((info.st_mtime_ns, info.st_ctime_ns, info.st_mode, info.st_size))
+        except OSError:
+            marks.append(None)
+    return tuple(marks)

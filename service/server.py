@@ -25,6 +25,7 @@ from .dataplane import DataPlane
 from .introspection import IntrospectionServicer
 from .metrics import Metrics
 from .observe import Recorder
+from .preprocess import ImageLimits
 from .proto import POOL
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
@@ -57,11 +58,13 @@ class Server:
         # threads as CPUs, since more would only queue for the same cores.
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
         self.shm = SystemSharedMemory()
-        self.dataplane = DataPlane(self.registry, self.codec_executor, self.shm)
+        limits = ImageLimits(settings.image_format_list(), settings.max_image_bytes, settings.max_image_pixels)
+        self.dataplane = DataPlane(self.registry, self.codec_executor, self.shm, limits)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
         self._poller: Optional[asyncio.Task] = None
         self._refresher: Optional[asyncio.Task] = None
+        self.background: set[asyncio.Future] = set()  # tasks started by signals, kept until done
         self._metrics_server = None
 
     async def _update_health(self) -> None:
@@ -139,15 +142,30 @@ class Server:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.settings.poll_interval)
-            try:
-                await self.registry.scan()
-            except Exception:
-                log.exception("repository scan failed")
+            await self.rescan()
+
+    async def rescan(self) -> None:
+        """Scan the repository again; a failure is logged, and the models already served keep serving."""
+        try:
+            await self.registry.scan()
+        except Exception:
+            log.exception("repository scan failed")
 
     async def _refresh_metrics(self) -> None:
         while True:
             self.metrics.refresh()
             await asyncio.sleep(1.0)
+
+    def stop_now(self) -> None:
+        """Cut the grace period short: the RPCs still running are cancelled."""
+        if self.grpc_server is not None:
+            self.in_background(self.grpc_server.stop(None))
+
+    def in_background(self, work) -> None:
+        """Run a coroutine to its end without awaiting it here (signal handlers start such work)."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def stop(self) -> None:
         """NOT_SERVING, refuse new requests, finish those in flight within the grace period."""
@@ -167,12 +185,21 @@ class Server:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; a second one stops at once.
+
+    SIGHUP rescans the repository (its usual meaning for a daemon: reread what you serve).
+    """
     server = Server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def rescan() -> None:
+        log.info("SIGHUP: rescanning the repository")
+        server.in_background(server.rescan())
+
+    loop.add_signal_handler(signal.SIGHUP, rescan)
     try:
         await server.start()
         print(
@@ -181,7 +208,16 @@ async def serve(settings: Settings) -> None:
             flush=True,
         )
         await stop.wait()
-        log.info("signal received: finishing in-flight requests (grace %.0f s)", settings.grace_period)
+        log.info(
+            "signal received: finishing in-flight requests (grace %.0f s; again to stop now)", settings.grace_period
+        )
+
+        def now() -> None:
+            log.warning("second signal: stopping now, cancelling what is in flight")
+            server.stop_now()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, now)
     finally:
         await server.stop()
     log.info("stopped")

@@ -259,7 +259,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         if self.server_state() is ServerState.STOPPING:
             raise ShuttingDown("the server is shutting down")
-        parsed = parse_infer_request(request)
+        parsed = parse_infer_request(request, self.settings.max_batch_size)
         result = await self.dataplane.infer(parsed, outcome, deadline)
         return build_infer_response(parsed, result)
 
@@ -302,14 +302,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task.add_done_callback(pending.discard)
             except Exception:  # an undecodable message or a broken stream: say so, end the stream
                 log.warning("ModelStreamInfer: reading the request stream failed", exc_info=True)
+                unreadable.set()
             await asyncio.gather(*list(pending))
             await results.put(None)
 
+        unreadable = asyncio.Event()
         reader = asyncio.create_task(read())
         try:
             while (item := await results.get()) is not None:
                 yield item
                 slots.release()
+            if unreadable.is_set():  # the answers so far are sent; the stream ends with why
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a message on the stream could not be read")
         finally:
             reader.cancel()
             for task in list(pending):

@@ -34,6 +34,10 @@ class Settings:
         "require 'authorization: Bearer TOKEN' on every RPC but health "
         "(prefer CONVSERVE_AUTH_TOKEN: flags show in `ps`)",
     )
+    # what a client may send
+    image_formats: str = _opt("PNG,JPEG", "image formats the `image` input accepts (Pillow's names, comma list)")
+    max_image_bytes: int = _opt(16 * 1024 * 1024, "largest encoded image accepted, in bytes")
+    max_image_pixels: int = _opt(4096 * 4096, "largest image accepted, in pixels, read from its header before decoding")
     # batching
     max_batch_size: int = _opt(32, "most images per session run")
     max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")
@@ -62,6 +66,8 @@ class Settings:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
         if self.max_queue_delay_ms < 0 or self.poll_interval < 0 or self.grace_period < 0:
             raise ValueError("delays, intervals and grace periods cannot be negative")
+        if self.max_image_bytes < 1 or self.max_image_pixels < 1 or not self.image_format_list():
+            raise ValueError("image limits must be positive and at least one image format accepted")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.instances is not None and self.instances < 1:
@@ -80,6 +86,9 @@ class Settings:
             if name not in ("auto", "tensorrt", "cuda", "cpu"):
                 raise ValueError(f"unknown provider {name!r}; use tensorrt, cuda, cpu or auto")
         return self
+
+    def image_format_list(self) -> tuple[str, ...]:
+        return tuple(f.strip().upper() for f in self.image_formats.split(",") if f.strip())
 
     def provider_list(self) -> list[str]:
         return [p.strip().lower() for p in self.providers.split(",") if p.strip()]

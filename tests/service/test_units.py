@@ -101,3 +101,38 @@ def test_preprocess_resizes_converts_and_normalises():
     assert decode_image(buffer.getvalue(), spec).shape == (32, 32, 1)
     with pytest.raises(ImageDecodeError):
         decode_image(b"GIF89a-but-not-really", spec)
+
+
+def _twin_bytes(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_16_bit_and_exif_rotated_images_decode_like_their_8_bit_upright_twins():
+    spec = PreprocessSpec(32, 32, 1, "bilinear", (0.5,), (0.25,))
+    pixels = (np.add.outer(np.arange(40), np.arange(48) * 3) % 256).astype(np.uint8)  # (H, W), not symmetric
+    eight = _twin_bytes(Image.fromarray(pixels, mode="L"), "PNG")
+    sixteen = _twin_bytes(Image.fromarray(pixels.astype(np.uint16) * 257), "PNG")
+    assert Image.open(io.BytesIO(sixteen)).mode.startswith("I")
+    assert np.array_equal(decode_image(eight, spec), decode_image(sixteen, spec))
+    # the same photo stored rotated, with the EXIF orientation that shows it upright (6: rotate 90 cw)
+    rgb = PreprocessSpec(32, 32, 3, "bilinear", (0.5,) * 3, (0.25,) * 3)
+    upright = Image.fromarray(np.stack([pixels, pixels[::-1], 255 - pixels], axis=-1))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated_jpeg = _twin_bytes(stored, "JPEG", quality=95, exif=exif.tobytes())
+    upright_jpeg = _twin_bytes(upright, "JPEG", quality=95)
+    difference = np.abs(decode_image(rotated_jpeg, rgb).astype(int) - decode_image(upright_jpeg, rgb).astype(int))
+    assert difference.mean() < 4, difference.mean()
+    plain_stored = _twin_bytes(stored, "JPEG", quality=95)  # without the tag it stays rotated
+    assert np.abs(decode_image(plain_stored, rgb).astype(int) - decode_image(upright_jpeg, rgb).astype(int)).mean() > 20
+    # palette images keep their colours
+    palette = Image.fromarray(pixels, mode="L").convert("P")
+    assert (
+        np.abs(
+            decode_image(_twin_bytes(palette, "PNG"), spec).astype(int) - decode_image(eight, spec).astype(int)
+        ).max()
+        <= 1
+    )

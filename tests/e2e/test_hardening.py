@@ -1,0 +1,212 @@
+"""What a careless or hostile client sends cannot stall, bloat or fool the server: image bombs,
+claims of millions of elements, stray version folders and strings; and the signals a daemon
+answers to (SIGHUP rescans, a second SIGINT stops at once)."""
+
+import io
+import os
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from convserve.models.export import export_checkpoint
+from convserve.service.client import Client, build_request
+from convserve.service.postprocess import serialize_bytes
+from convserve.service.proto import grpc_service_pb2 as pb
+
+from .conftest import RunningServer
+
+X = np.zeros((1, 1, 32, 32), np.float32)
+
+
+def _encoded(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _code(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+class HealthWatch:
+    """Checks health every 20 ms on its own channel, while a test sends the bad request."""
+
+    def __init__(self, url):
+        self.url, self.worst_ms, self._stop = url, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                self.worst_ms = max(self.worst_ms, (time.perf_counter() - started) * 1000)
+                time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(20)
+
+
+def test_image_bombs_and_other_formats_are_refused_from_their_headers(server):
+    bomb = _encoded(Image.new("L", (13000, 13000)), "PNG")  # 169 M pixels in a few hundred KB
+    webp = _encoded(Image.new("L", (32, 32)), "WEBP", lossless=True)
+    with Client(server.url) as client, HealthWatch(server.url) as health:
+        started = time.perf_counter()
+        code, details = _code(lambda: client.infer("digits", images=[bomb] * 3))
+        elapsed = time.perf_counter() - started
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "13000x13000 pixels" in details, details
+        assert elapsed < 2.0, elapsed
+        code, details = _code(lambda: client.infer("digits", images=[webp]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "PNG or JPEG" in details, details
+        assert client.infer("digits", images=[_encoded(Image.new("L", (8, 8), 200), "PNG")]).outputs
+    assert health.worst_ms < 500, health.worst_ms
+
+
+def test_claims_of_millions_of_elements_are_refused_before_any_unpacking(server):
+    with Client(server.url) as client, HealthWatch(server.url) as health:
+        claim = pb.ModelInferRequest(model_name="digits")
+        claim.inputs.add(name="image", datatype="BYTES", shape=[10_000_000])
+        claim.raw_input_contents.append(b"")
+        code, details = _code(lambda: client.stub.ModelInfer(claim, timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_batch_size" in details
+        hidden = pb.ModelInferRequest(model_name="digits")  # a batch of one that holds ten million
+        hidden.inputs.add(name="image", datatype="BYTES", shape=[1])
+        hidden.raw_input_contents.append(serialize_bytes([b""] * 10_000_000))
+        started = time.perf_counter()
+        code, details = _code(lambda: client.stub.ModelInfer(hidden, timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 1 elements" in details, details
+        assert time.perf_counter() - started < 5
+        assert client.infer("digits", array=X).outputs
+    assert health.worst_ms < 500, health.worst_ms
+
+
+@pytest.fixture
+def own_repository(trained, tmp_path):
+    _, folder = trained
+    repository = tmp_path / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    return repository
+
+
+def _index(client):
+    return {
+        (m.name, m.version): (m.state, m.reason)
+        for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+    }
+
+
+def test_version_folders_and_strings_are_ascii_digits_only(own_repository):
+    (own_repository / "digits" / "²").mkdir()  # isdigit() is true, int() fails
+    (own_repository / "digits" / "١").mkdir()  # Arabic-Indic one: int() gives 1
+    server = RunningServer(own_repository)
+    try:
+        with Client(server.url) as client:
+            assert set(_index(client)) == {("digits", "1")}
+            for version in ("²", "١", "01", "1.0", "-1"):
+                request = build_request("digits", array=X, version=version)
+                code, _ = _code(lambda r=request: client.stub.ModelInfer(r))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (version, code)
+            assert client.infer("digits", array=X, version="1").model_version == "1"
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_failed_versions_are_retried_when_fixed_and_forgotten_when_removed(trained, own_repository):
+    result, _ = trained
+    version2 = own_repository / "digits" / "2"
+    export_checkpoint(result.checkpoint, repository=str(own_repository), name="digits")
+    os.chmod(version2 / "model.onnx", 0)  # unreadable: refused
+    server = RunningServer(own_repository, "--poll-interval", "0.3")
+    try:
+        with Client(server.url) as client:
+            if os.geteuid() != 0:  # root reads anything: chmod cannot break it there
+                assert _index(client)[("digits", "2")][0] == "UNAVAILABLE"
+            os.chmod(version2 / "model.onnx", 0o644)  # fixed by chmod alone: retried
+            deadline = time.monotonic() + 20
+            while client.infer("digits", array=X).model_version != "2" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.infer("digits", array=X).model_version == "2"
+            broken = own_repository / "digits" / "3"
+            broken.mkdir()
+            (broken / "model.json").write_text("{not json")
+            deadline = time.monotonic() + 20
+            while ("digits", "3") not in _index(client) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _index(client)[("digits", "3")][0] == "UNAVAILABLE"
+            shutil.rmtree(broken)  # removed: it leaves the index
+            deadline = time.monotonic() + 20
+            while ("digits", "3") in _index(client) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert ("digits", "3") not in _index(client)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_sighup_rescans_and_a_second_sigint_stops_at_once(trained, own_repository):
+    result, _ = trained
+    server = RunningServer(own_repository, "--grace-period", "60")  # no polling: only SIGHUP rescans
+    try:
+        with Client(server.url) as client:
+            export_checkpoint(result.checkpoint, repository=str(own_repository), name="digits")
+            assert client.infer("digits", array=X).model_version == "1"
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while client.infer("digits", array=X).model_version != "2" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert client.infer("digits", array=X).model_version == "2" and server.process.poll() is None
+            # an idle stream would hold the process for the whole grace period
+            idle = threading.Event()
+
+            def requests():
+                idle.wait(120)
+                yield from ()
+
+            stream = client.stub.ModelStreamInfer(requests())  # opens the stream; sends nothing
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert server.process.poll() is None  # draining: the stream is still open
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGINT)
+            server.process.wait(15)
+            assert time.monotonic() - started < 10
+            idle.set()
+            stream.cancel()
+    finally:
+        server.stop()
+
+
+def test_an_undecodable_stream_message_ends_the_stream_with_a_status(server):
+    with grpc.insecure_channel(server.url) as channel:
+        raw = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        good = build_request("digits", array=X).SerializeToString()
+        started = time.perf_counter()
+        call = raw(iter([good, b"\xff\xff\xff\xff not a protobuf"]), timeout=30)
+        answers = []
+        with pytest.raises(grpc.RpcError) as info:
+            for answer in call:
+                answers.append(answer)
+        assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL), info.value
+        assert time.perf_counter() - started < 10  # not held until the deadline
+    with Client(server.url) as client:
+        assert client.infer("digits", array=X).outputs
