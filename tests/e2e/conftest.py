@@ -91,3 +91,22 @@ def server(served_repository):
     running = RunningServer(served_repository, "--poll-interval", "0.5")
     yield running
     assert running.stop() == 0, running.output()
+
+
+@pytest.fixture
+def own_repository(trained, tmp_path):
+    """A fresh copy of the trained repository for one test, which may add, break or remove versions."""
+    _, folder = trained
+    repository = tmp_path / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    return repository
+
+
+def repository_index(client) -> dict:
+    """(name, version) -> (state, reason), from RepositoryIndex."""
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    return {
+        (m.name, m.version): (m.state, m.reason)
+        for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+    }

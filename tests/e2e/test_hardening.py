@@ -20,7 +20,7 @@ from convserve.service.client import Client, build_request
 from convserve.service.postprocess import serialize_bytes
 from convserve.service.proto import grpc_service_pb2 as pb
 
-from .conftest import RunningServer
+from .conftest import RunningServer, repository_index
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -79,15 +79,16 @@ def test_image_bombs_and_other_formats_are_refused_from_their_headers(server):
 
 
 def test_claims_of_millions_of_elements_are_refused_before_any_unpacking(server):
+    claim = pb.ModelInferRequest(model_name="digits")
+    claim.inputs.add(name="image", datatype="BYTES", shape=[10_000_000])
+    claim.raw_input_contents.append(b"")
+    hidden = pb.ModelInferRequest(model_name="digits")  # a batch of one that holds ten million
+    hidden.inputs.add(name="image", datatype="BYTES", shape=[1])
+    # built before the health watch starts: building it holds this process's GIL for seconds
+    hidden.raw_input_contents.append(serialize_bytes([b""] * 10_000_000))
     with Client(server.url) as client, HealthWatch(server.url) as health:
-        claim = pb.ModelInferRequest(model_name="digits")
-        claim.inputs.add(name="image", datatype="BYTES", shape=[10_000_000])
-        claim.raw_input_contents.append(b"")
         code, details = _code(lambda: client.stub.ModelInfer(claim, timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds max_batch_size" in details
-        hidden = pb.ModelInferRequest(model_name="digits")  # a batch of one that holds ten million
-        hidden.inputs.add(name="image", datatype="BYTES", shape=[1])
-        hidden.raw_input_contents.append(serialize_bytes([b""] * 10_000_000))
         started = time.perf_counter()
         code, details = _code(lambda: client.stub.ModelInfer(hidden, timeout=30))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 1 elements" in details, details
@@ -96,28 +97,13 @@ def test_claims_of_millions_of_elements_are_refused_before_any_unpacking(server)
     assert health.worst_ms < 500, health.worst_ms
 
 
-@pytest.fixture
-def own_repository(trained, tmp_path):
-    _, folder = trained
-    repository = tmp_path / "repository"
-    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
-    return repository
-
-
-def _index(client):
-    return {
-        (m.name, m.version): (m.state, m.reason)
-        for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
-    }
-
-
 def test_version_folders_and_strings_are_ascii_digits_only(own_repository):
     (own_repository / "digits" / "²").mkdir()  # isdigit() is true, int() fails
     (own_repository / "digits" / "١").mkdir()  # Arabic-Indic one: int() gives 1
     server = RunningServer(own_repository)
     try:
         with Client(server.url) as client:
-            assert set(_index(client)) == {("digits", "1")}
+            assert set(repository_index(client)) == {("digits", "1")}
             for version in ("²", "١", "01", "1.0", "-1"):
                 request = build_request("digits", array=X, version=version)
                 code, _ = _code(lambda r=request: client.stub.ModelInfer(r))
@@ -136,7 +122,7 @@ def test_failed_versions_are_retried_when_fixed_and_forgotten_when_removed(train
     try:
         with Client(server.url) as client:
             if os.geteuid() != 0:  # root reads anything: chmod cannot break it there
-                assert _index(client)[("digits", "2")][0] == "UNAVAILABLE"
+                assert repository_index(client)[("digits", "2")][0] == "UNAVAILABLE"
             os.chmod(version2 / "model.onnx", 0o644)  # fixed by chmod alone: retried
             deadline = time.monotonic() + 20
             while client.infer("digits", array=X).model_version != "2" and time.monotonic() < deadline:
@@ -146,14 +132,14 @@ def test_failed_versions_are_retried_when_fixed_and_forgotten_when_removed(train
             broken.mkdir()
             (broken / "model.json").write_text("{not json")
             deadline = time.monotonic() + 20
-            while ("digits", "3") not in _index(client) and time.monotonic() < deadline:
+            while ("digits", "3") not in repository_index(client) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert _index(client)[("digits", "3")][0] == "UNAVAILABLE"
+            assert repository_index(client)[("digits", "3")][0] == "UNAVAILABLE"
             shutil.rmtree(broken)  # removed: it leaves the index
             deadline = time.monotonic() + 20
-            while ("digits", "3") in _index(client) and time.monotonic() < deadline:
+            while ("digits", "3") in repository_index(client) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert ("digits", "3") not in _index(client)
+            assert ("digits", "3") not in repository_index(client)
     finally:
         assert server.stop() == 0, server.output()
 

@@ -14,7 +14,7 @@ from convserve.models.export import export_checkpoint
 from convserve.service.client import Client, build_request
 from convserve.service.proto import grpc_service_pb2 as pb
 
-from .conftest import RunningServer
+from .conftest import RunningServer, repository_index
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -26,21 +26,6 @@ def _wait_for(predicate, timeout=30.0):
             return True
         time.sleep(0.2)
     return False
-
-
-def _index(client):
-    return {
-        (m.name, m.version): (m.state, m.reason)
-        for m in client.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
-    }
-
-
-@pytest.fixture
-def own_repository(trained, tmp_path):
-    _, folder = trained
-    repository = tmp_path / "repository"
-    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
-    return repository
 
 
 def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own_repository):
@@ -60,8 +45,10 @@ def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own
                 handle.seek(1000)
                 handle.write(b"\x00" * 64)
             os.rename(staging, corrupt)
-            assert _wait_for(lambda: "sha256" in _index(client).get(("digits", "3"), ("", ""))[1]), _index(client)
-            assert _index(client)[("digits", "3")][0] == "UNAVAILABLE"
+            assert _wait_for(lambda: "sha256" in repository_index(client).get(("digits", "3"), ("", ""))[1]), (
+                repository_index(client)
+            )
+            assert repository_index(client)[("digits", "3")][0] == "UNAVAILABLE"
             assert client.infer("digits", array=X).model_version == "2"
             # an explicit load retries and reports the failure; unload and load work on demand
             with pytest.raises(grpc.RpcError) as info:
@@ -91,7 +78,7 @@ def test_corrupt_only_version_at_start_is_reported(own_repository):
     server = RunningServer(own_repository)
     try:
         with Client(server.url) as client:
-            state, reason = _index(client)[("broken", "1")]
+            state, reason = repository_index(client)[("broken", "1")]
             assert state == "UNAVAILABLE" and "JSON" in reason
             assert client.infer("digits", array=X).model_name == "digits"  # the others serve
             with pytest.raises(grpc.RpcError) as info:
