@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Optional
 
@@ -84,23 +85,50 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInte
         return continuation(self._details(details), request_iterator)
 
 
-def open_channel(url: str, token: str = "", max_message_bytes: int = 256 * 1024 * 1024) -> grpc.Channel:
-    """An insecure channel to `url`, sending the bearer token when one is given."""
-    channel = grpc.insecure_channel(
-        url,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
-    )
+@dataclass(frozen=True)
+class Tls:
+    """TLS for a client: the CA that signed the server's certificate (None: the system's), and for
+    mutual TLS this client's own certificate and key. PEM file paths."""
+
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Optional[str]) -> Optional[bytes]:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def open_channel(
+    url: str, token: str = "", max_message_bytes: int = 256 * 1024 * 1024, tls: Optional[Tls] = None
+) -> grpc.Channel:
+    """A channel to `url` (TLS when `tls` is given), sending the bearer token when one is given."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls is not None:
+        channel = grpc.secure_channel(url, tls.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(url, options=options)
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
 class Client:
     def __init__(
-        self, url: str = "127.0.0.1:8001", *, token: str = "", max_message_bytes: int = 256 * 1024 * 1024
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        token: str = "",
+        tls: Optional[Tls] = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
-        self.channel = open_channel(url, token, max_message_bytes)
+        self.channel = open_channel(url, token, max_message_bytes, tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def close(self) -> None:
@@ -130,10 +158,12 @@ class Client:
         return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in response.parameters.items()}
 
 
-def wait_until_ready(url: str, process: Optional[subprocess.Popen] = None, timeout: float = 120.0) -> None:
+def wait_until_ready(
+    url: str, process: Optional[subprocess.Popen] = None, timeout: float = 120.0, tls: Optional[Tls] = None
+) -> None:
     """Poll ServerReady until it answers true; raises RuntimeError if `process` exits or time runs out."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(url) as channel:
+    with open_channel(url, tls=tls) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:

@@ -9,12 +9,16 @@ writes (the request recorder, the registry); a second instance never clashes wit
 
 from __future__ import annotations
 
+import hmac
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from http.server import ThreadingHTTPServer
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -136,6 +140,31 @@ class Metrics:
             for model, depth in self._queue_depth.source().items():
                 self._queue_depth_gauge.labels(model).set(depth)
 
-    def serve(self, port: int, host: str = "0.0.0.0"):
+    def serve(self, port: int, host: str = "0.0.0.0", token: str = ""):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+        return serve_metrics(self.registry, port, host, token)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str, token: str = ""):
+    """/metrics over HTTP in a daemon thread; with a token, only for `Authorization: Bearer <token>`."""
+    if not token:
+        return start_http_server(port, addr=host, registry=registry)
+    expected = f"Bearer {token}".encode()
+    base = MetricsHandler.factory(registry)
+
+    class Guarded(base):  # type: ignore[valid-type,misc]
+        def do_GET(self) -> None:
+            if not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, format: str, *args) -> None:  # quiet, like prometheus_client's own
+            pass
+
+    server = ThreadingHTTPServer((host, port), Guarded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics")
+    thread.start()
+    return server, thread

@@ -43,6 +43,21 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS from the PEM files the settings name; mutual TLS when a client CA is given."""
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class Server:
     """Everything one `convserve serve` runs, started and stopped together."""
 
@@ -108,12 +123,17 @@ class Server:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(service_names, self.grpc_server, pool=POOL)
-        self.port = self.grpc_server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert:
+            self.port = self.grpc_server.add_secure_port(address, server_credentials(s))
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
         await self._update_health()
         if s.metrics_port:
-            self._metrics_server = self.metrics.serve(s.metrics_port, s.host)
+            token = s.auth_token if s.metrics_require_token else ""
+            self._metrics_server = self.metrics.serve(s.metrics_port, s.metrics_host or s.host, token)
         if not os.path.isdir(self.registry.repository):
             log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
         # A lone server listens while it loads (health says NOT_SERVING meanwhile); a worker loads first,

@@ -29,6 +29,11 @@ class Settings:
     grpc_port: int = _opt(8001, "gRPC port (0: any free port)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (0: off)")
     max_message_bytes: int = _opt(256 * 1024 * 1024, "largest gRPC message accepted or sent")
+    tls_cert: str = _opt("", "PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    metrics_host: str = _opt("", "address of the metrics endpoint (default: --host)")
+    metrics_require_token: int = _opt(0, "1: /metrics needs the auth token too (Prometheus: authorization credentials)")
     auth_token: str = _opt(
         "",
         "require 'authorization: Bearer TOKEN' on every RPC but health "
@@ -68,6 +73,12 @@ class Settings:
             raise ValueError("delays, intervals and grace periods cannot be negative")
         if self.max_image_bytes < 1 or self.max_image_pixels < 1 or not self.image_format_list():
             raise ValueError("image limits must be positive and at least one image format accepted")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.metrics_require_token and not self.auth_token:
+            raise ValueError("--metrics-require-token needs an auth token (CONVSERVE_AUTH_TOKEN)")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.instances is not None and self.instances < 1:

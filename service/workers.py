@@ -53,7 +53,9 @@ def _free_port(host: str) -> int:
 
 def run_workers(settings: Settings) -> int:
     """Start settings.workers servers, serve their metrics, stop them on SIGTERM/SIGINT; exit status."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from .metrics import serve_metrics
 
     port = settings.grpc_port or _free_port(settings.host)
     metrics_dir = tempfile.mkdtemp(prefix="convserve-metrics-")
@@ -89,7 +91,10 @@ def run_workers(settings: Settings) -> int:
     if settings.metrics_port:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+        token = settings.auth_token if settings.metrics_require_token else ""
+        metrics_server, _ = serve_metrics(
+            registry, settings.metrics_port, settings.metrics_host or settings.host, token
+        )
     print(f"convserve: {settings.workers} workers on {settings.host}:{port}", flush=True)
     status = 0
     try:

@@ -60,6 +60,18 @@ def add_server_flags(parser: argparse.ArgumentParser, url: bool = True) -> None:
     if url:
         parser.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("CONVSERVE_TLS_CA", ""),
+        help="PEM CA of a TLS server (default: $CONVSERVE_TLS_CA; empty and no --tls: plain)",
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("CONVSERVE_TLS_CERT", ""),
+        help="PEM client certificate, for a server that requires one (mutual TLS)",
+    )
+    parser.add_argument("--tls-key", default=os.environ.get("CONVSERVE_TLS_KEY", ""), help="PEM key of --tls-cert")
+    parser.add_argument(
         "--token",
         default=os.environ.get("CONVSERVE_AUTH_TOKEN", ""),
         help="bearer token, for a server run with an auth token (default: $CONVSERVE_AUTH_TOKEN)",

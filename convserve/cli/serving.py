@@ -43,6 +43,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace):
+    """The client's TLS from --tls/--tls-ca/--tls-cert/--tls-key; None for a plain connection."""
+    from convserve.service.client import Tls
+
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return Tls(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
+
+
 # ---- infer -------------------------------------------------------------------------------------
 
 
@@ -65,7 +76,7 @@ def _infer(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     outputs = ["probabilities", *args.feature_map]
-    with Client(args.url, token=args.token) as client, rpc_errors():
+    with Client(args.url, token=args.token, tls=_tls(args)) as client, rpc_errors():
         response = client.infer(args.model, images=images, outputs=outputs, classification=args.top, timeout=30)
         top = client.output(response, "probabilities")
         for path, row in zip(args.images, top):
@@ -85,7 +96,7 @@ def _models(args: argparse.Namespace) -> int:
     from convserve.service.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
 
-    with Client(args.url, token=args.token) as client, rpc_errors():
+    with Client(args.url, token=args.token, tls=_tls(args)) as client, rpc_errors():
         index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
     for model in index.models:
         print(f"{model.name:<24} {model.version:>7}  {model.state:<12} {model.reason}")
@@ -103,7 +114,7 @@ def _describe(args: argparse.Namespace) -> int:
     from convserve.service.proto import introspection_pb2 as ipb
     from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
 
-    with open_channel(args.url, args.token) as channel, rpc_errors():
+    with open_channel(args.url, args.token, tls=_tls(args)) as channel, rpc_errors():
         answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
             ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10
         )

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, repository, *extra, env=None, wait=True):
+    def __init__(self, repository, *extra, env=None, wait=True, tls=None):
+        self.tls = tls  # a convserve.service.client.Tls for waiting on a TLS server
         self.repository = str(repository)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -54,7 +55,7 @@ class RunningServer:
         from convserve.service.client import wait_until_ready
 
         try:
-            wait_until_ready(self.url, self.process, timeout)
+            wait_until_ready(self.url, self.process, timeout, tls=self.tls)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {self.output()}") from None
 
