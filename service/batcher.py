@@ -30,7 +30,7 @@ Runner = Callable[[np.ndarray, list[str]], list[np.ndarray]]
 def check_batch_size(images: int, max_batch_size: int) -> None:
     """The one rule: a request may hold at most one batch of images."""
     if images > max_batch_size:
-        raise InvalidInput(f"batch of {images} exceeds max_batch_size {max_batch_size}")
+        raise InvalidInput(f"batch of {images} exceeds max_batch_size {max_batch_size}", limit="batch_size")
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Batcher:
             raise ModelNotReady("this model version is being unloaded")
         self.check_size(job.size)
         if len(self._queue) >= self.max_queue_size:
-            raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
+            raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later", limit="queue_size")
         job.enqueued_ns = time.perf_counter_ns()
         self._queue.append(job)
         self._arrived.set()

@@ -108,7 +108,7 @@ class DataPlane:
                     return decode_all(opened, model.spec)
                 return await asyncio.get_running_loop().run_in_executor(self._codec, decode_all, opened, model.spec)
             except ImageDecodeError as exc:
-                raise InvalidInput(f"input 'image': {exc}") from None
+                raise InvalidInput(f"input 'image': {exc}", limit=exc.limit) from None
         assert request.array is not None
         if tuple(request.array.shape[1:]) != model.input_shape:
             raise InvalidInput(

@@ -8,9 +8,17 @@ import grpc
 
 
 class ServingError(Exception):
-    """Base of every error a client should see as a status code and a message."""
+    """Base of every error a client should see as a status code and a message.
+
+    `limit` names the limit a refusal enforces (image_pixels, batch_size, queue_size ...), so the
+    metrics count refusals by limit; empty for other errors.
+    """
 
     code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "", *, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class InvalidInput(ServingError):

@@ -101,6 +101,11 @@ class Metrics:
             "convserve_batch_size", "images per executed batch", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
         self.images = Counter("convserve_images_total", "images inferred", ["model"], registry=r)
+        self.refusals = Counter(
+            "convserve_refusals_total", "requests refused by a limit, by the limit", ["limit"], registry=r
+        )
+        for limit in ("batch_size", "queue_size", "image_bytes", "image_format", "image_pixels"):
+            self.refusals.labels(limit)  # known label values start at 0
         self._queue_depth = _QueueDepth()
         self._queue_depth_gauge: Optional[Gauge] = None
         if self.multiprocess:

@@ -76,6 +76,7 @@ class Outcome:
     stats: Optional[VersionStats] = None  # the statistics of the version that took it
     timings: Optional[Timings] = None  # an inference's stages, once it has run
     feature_map_bytes: int = 0
+    limit: str = ""  # the limit that refused it, if one did
 
 
 class Recorder:
@@ -101,6 +102,7 @@ class Recorder:
             yield outcome
         except BaseException as exc:
             outcome.code, _ = status_of(exc)
+            outcome.limit = getattr(exc, "limit", "")
             if not isinstance(exc, ServingError) and outcome.code == grpc.StatusCode.INTERNAL:
                 log.error("unexpected error in %s for model %r", outcome.method, outcome.model[:128], exc_info=exc)
             raise
@@ -119,6 +121,8 @@ class Recorder:
         timings = outcome.timings
         if timings is not None:
             m.queue_duration.labels(model).observe(timings.queue_ns / 1e9)
+        if outcome.limit:
+            m.refusals.labels(outcome.limit).inc()
         if outcome.feature_map_bytes:
             m.feature_map_bytes.labels(model).inc(outcome.feature_map_bytes)
         stats = outcome.stats

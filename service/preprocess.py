@@ -25,6 +25,10 @@ from convserve.contract import PreprocessSpec, normalize, resize_image
 class ImageDecodeError(ValueError):
     """Bytes that are not an acceptable, decodable image; the message says which limit or why."""
 
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit  # image_bytes, image_format, image_pixels; empty: undecodable
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -36,17 +40,17 @@ class ImageLimits:
 def open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
     """Read only the header; raise ImageDecodeError for the wrong format, too many bytes or pixels."""
     if len(data) > limits.max_bytes:
-        raise ImageDecodeError(f"{len(data)} bytes; the limit is {limits.max_bytes}")
+        raise ImageDecodeError(f"{len(data)} bytes; the limit is {limits.max_bytes}", "image_bytes")
     try:
         image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"not a {' or '.join(limits.formats)} image") from None
+        raise ImageDecodeError(f"not a {' or '.join(limits.formats)} image", "image_format") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise ImageDecodeError("not a decodable image (corrupt header)") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         image.close()
-        raise ImageDecodeError(f"{width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+        raise ImageDecodeError(f"{width}x{height} pixels; the limit is {limits.max_pixels} pixels", "image_pixels")
     return image
 
 

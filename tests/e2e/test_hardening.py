@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -76,6 +77,18 @@ def test_image_bombs_and_other_formats_are_refused_from_their_headers(server):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "PNG or JPEG" in details, details
         assert client.infer("digits", images=[_encoded(Image.new("L", (8, 8), 200), "PNG")]).outputs
     assert health.worst_ms < 500, health.worst_ms
+    refused = _refusals(server)
+    assert refused["image_pixels"] >= 1 and refused["image_format"] >= 1, refused
+
+
+def _refusals(server) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    prefix = 'convserve_refusals_total{limit="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
 
 
 def test_claims_of_millions_of_elements_are_refused_before_any_unpacking(server):
@@ -95,6 +108,7 @@ def test_claims_of_millions_of_elements_are_refused_before_any_unpacking(server)
         assert time.perf_counter() - started < 5
         assert client.infer("digits", array=X).outputs
     assert health.worst_ms < 500, health.worst_ms
+    assert _refusals(server)["batch_size"] >= 1
 
 
 def test_version_folders_and_strings_are_ascii_digits_only(own_repository):
@@ -196,3 +210,63 @@ def test_an_undecodable_stream_message_ends_the_stream_with_a_status(server):
         assert time.perf_counter() - started < 10  # not held until the deadline
     with Client(server.url) as client:
         assert client.infer("digits", array=X).outputs
+
+
+def test_an_exporter_killed_mid_write_leaves_nothing_half_loadable(own_repository):
+    import hashlib
+    import subprocess
+    import sys
+
+    from convserve.contract import ModelCard, versions
+
+    # SIGKILL the exporter exactly mid-write: after its n-th fsync (model.onnx written, then model.json,
+    # then the staging folder), before the rename that publishes the version; no cleanup can run.
+    kill_after_fsync = """
+import os, runpy, signal, sys
+calls, limit, fsync = [0], int(sys.argv.pop(1)), os.fsync
+def fsync_then_die(fd):
+    fsync(fd)
+    calls[0] += 1
+    if calls[0] == limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.fsync = fsync_then_die
+sys.argv[0] = "convserve"
+runpy.run_module("convserve", run_name="__main__")
+"""
+    for limit in (1, 2, 3):
+        exporter = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                kill_after_fsync,
+                str(limit),
+                "export",
+                "--arch",
+                "alexnet_small",
+                "--random-init",
+                "--input",
+                "1x32x32",
+                "--repository",
+                str(own_repository),
+                "--name",
+                "killed",
+            ],
+            capture_output=True,
+            timeout=300,
+        )
+        assert exporter.returncode == -9, exporter.stderr[-2000:]
+    left = sorted(p.name for p in own_repository.iterdir() if p.name.startswith(".tmp-killed"))
+    assert len(left) == 3, left  # three half-written staging folders, as a crash leaves them
+    for version in versions(str(own_repository / "killed")):  # what was renamed into place is whole
+        folder = own_repository / "killed" / str(version)
+        card = ModelCard.read(str(folder))
+        assert hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest() == card.sha256
+    server = RunningServer(own_repository)
+    try:
+        with Client(server.url) as client:
+            rows = repository_index(client)
+            assert all(state == "READY" for (name, _), (state, _) in rows.items() if name == "killed"), rows
+            assert not any(name.startswith(".") for name, _ in rows)  # staging folders are never models
+            assert client.infer("digits", array=X).outputs
+    finally:
+        assert server.stop() == 0, server.output()
