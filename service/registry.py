@@ -260,7 +260,8 @@ class Registry:
             on_disk = set(await self._in_thread(self._disk_versions))
             for key in [k for k in self._failed if k not in on_disk]:  # removed: it leaves the index
                 del self._failed[key]
-            names = set(await self._in_thread(model_names, self.repository)) - self._unloaded
+            # one listing of the repository per scan: a model folder without versions serves nothing anyway
+            names = {name for name, _ in on_disk} - self._unloaded
             for name in sorted(names):
                 await self._sync_model(name, retry_failed=False)
             for name in sorted(set(self._served) - names - self._unloaded):

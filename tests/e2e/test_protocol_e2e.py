@@ -287,28 +287,20 @@ def test_models_and_describe_commands(server):
     import sys
 
     env = dict(os.environ)
-    models = subprocess.run(
-        [sys.executable, "-m", "convserve", "models", "--url", server.url],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def convserve(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "convserve", *args, "--url", server.url],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    models = convserve("models")
     assert models.returncode == 0 and "digits" in models.stdout and "READY" in models.stdout
-    described = subprocess.run(
-        [sys.executable, "-m", "convserve", "describe", "digits", "--url", server.url],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    described = convserve("describe", "digits")
     assert described.returncode == 0, described.stderr
     assert "conv5" in described.stdout and "fc layers" in described.stdout and "dataset=digits" in described.stdout
-    missing = subprocess.run(
-        [sys.executable, "-m", "convserve", "describe", "nope", "--url", server.url],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    missing = convserve("describe", "nope")
     assert missing.returncode == 2 and missing.stderr.strip().startswith("convserve: error: NOT_FOUND")
