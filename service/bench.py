@@ -215,6 +215,7 @@ def run(
         progress(f"in-process limit for {key} ...")
         limits[key] = in_process_limit(runtime, x, output_sets[key], settings.max_batch_size, seconds)
     provider = runtime.execution_provider
+    runtime.close()
     del runtime  # its threads would compete with the server's
 
     port = _free_port()

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from convserve.contract import (
@@ -90,11 +90,11 @@ class ModelVersion:
     def labels(self) -> list[str]:
         return self.card.labels
 
-    def start(self, executor: Executor, settings: Settings, on_batch: Callable[[BatchStats], None]) -> None:
+    def start(self, settings: Settings, on_batch: Callable[[BatchStats], None]) -> None:
         assert self.runtime is not None
         self.batcher = Batcher(
             self.runtime.run,
-            executor,
+            self.runtime.executor,
             output_order=self.runtime.output_names,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
@@ -109,6 +109,8 @@ class ModelVersion:
         if self.batcher is not None:
             await self.batcher.close()
         self.state = ModelState.UNAVAILABLE
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close)
         self.runtime = None  # drops the session and its memory
 
 
@@ -123,13 +125,18 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
         if digest.hexdigest() != card.sha256:
             raise LoadFailed("model.onnx does not match the sha256 in model.json")
         runtime = ModelRuntime(os.path.join(path, MODEL_FILE), settings)
-        model = ModelVersion(name, version, card, runtime)
-        missing = set(model.outputs) - set(runtime.output_names)
-        if missing:
-            raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")
-        runtime.warm_up(model.input_shape)
-        # decode one image too: checks the preprocessing spec and loads PIL's codecs before a client waits
-        preprocess_encoded([blank_png(model.spec)], model.spec)
+        try:
+            model = ModelVersion(name, version, card, runtime)
+            missing = set(model.outputs) - set(runtime.output_names)
+            if missing:
+                raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")
+            seconds = runtime.warm_up(model.input_shape)
+            log.info("model %s version %s warmed up in %.2f s", name, version, seconds)
+            # decode one image too: checks the preprocessing spec and loads PIL's codecs before a client waits
+            preprocess_encoded([blank_png(model.spec)], model.spec)
+        except BaseException:
+            runtime.close()
+            raise
         return model
     except LoadFailed:
         raise
@@ -162,8 +169,6 @@ class Registry:
         self._failed: dict[tuple[str, int], tuple[str, tuple]] = {}
         self._loading: set[tuple[str, int]] = set()
         self._unloaded: set[str] = set()  # names unloaded on request: scans leave them alone
-        # Session runs: the batchers bound how many run at once; threads that wait cost nothing.
-        self.run_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="onnxruntime")
         self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self._lock = asyncio.Lock()
         self._on_change = on_change
@@ -298,7 +303,6 @@ class Registry:
             for name in list(self._served):
                 await self._retire(name, list(self._served[name]))
         # waiting for the pools' threads blocks: not on the event loop
-        await asyncio.to_thread(self.run_executor.shutdown, wait=True)
         await asyncio.to_thread(self.load_executor.shutdown, wait=True)
 
     async def _changed(self) -> None:
@@ -348,7 +352,7 @@ class Registry:
             self._loading.discard(key)
         self._failed.pop(key, None)
         stats, record_batch = model.stats, self._recorder.record_batch
-        model.start(self.run_executor, self.settings, lambda batch: record_batch(name, stats, batch))
+        model.start(self.settings, lambda batch: record_batch(name, stats, batch))
         self._metrics.model_ready.labels(name, str(version)).set(1)
         log.info("model %s version %s ready on %s", name, version, model.execution_provider)
         return model
