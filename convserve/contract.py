@@ -73,6 +73,31 @@ def model_names(repository: str) -> list[str]:
     return sorted(n for n in entries if is_valid_name(n) and os.path.isdir(os.path.join(repository, n)))
 
 
+def ignored_entries(repository: str) -> list[str]:
+    """Folders a scan skips (relative paths): model folders with invalid names and version folders
+    that are not ASCII digits. Hidden ones (an exporter's `.tmp-…` staging) are skipped silently."""
+    try:
+        names = os.listdir(repository)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ignored = []
+    for name in sorted(names):
+        path = os.path.join(repository, name)
+        if name.startswith(".") or not os.path.isdir(path):
+            continue
+        if not is_valid_name(name):
+            ignored.append(name)
+            continue
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.startswith(".") and parse_version(entry) is None and os.path.isdir(os.path.join(path, entry)):
+                ignored.append(os.path.join(name, entry))
+    return ignored
+
+
 def version_dir(repository: str, name: str, version: int) -> str:
     return os.path.join(repository, check_name(name), str(version))
 

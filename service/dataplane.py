@@ -18,7 +18,7 @@ from .batcher import BatchResult, Job
 from .errors import InvalidInput
 from .observe import Outcome, Timings
 from .postprocess import serialize_bytes, to_wire, top_k, wire_dtype
-from .preprocess import ImageDecodeError, ImageLimits, decode_all, open_checked
+from .preprocess import ImageDecodeError, decode_all, open_checked
 from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 from .registry import ModelVersion, Registry
 from .shm import SystemSharedMemory
@@ -33,10 +33,7 @@ INLINE_PIXELS = 64 * 64 * 8
 
 
 class DataPlane:
-    def __init__(
-        self, registry: Registry, codec_executor: Executor, shm: SystemSharedMemory, image_limits: ImageLimits
-    ) -> None:
-        self._image_limits = image_limits
+    def __init__(self, registry: Registry, codec_executor: Executor, shm: SystemSharedMemory) -> None:
         self.registry = registry
         self._codec = codec_executor  # image decoding and response tensors
         self._shm = shm
@@ -103,7 +100,7 @@ class DataPlane:
         if request.images is not None:
             try:
                 # headers only, on the loop: microseconds each, and at most max_batch_size of them
-                opened = [open_checked(data, self._image_limits) for data in request.images]
+                opened = [open_checked(data, model.image_limits) for data in request.images]
                 if sum(image.width * image.height for image in opened) <= INLINE_PIXELS:
                     return decode_all(opened, model.spec)
                 return await asyncio.get_running_loop().run_in_executor(self._codec, decode_all, opened, model.spec)

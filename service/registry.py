@@ -23,6 +23,7 @@ from convserve.contract import (
     MODEL_FILE,
     ContractError,
     ModelCard,
+    ignored_entries,
     is_valid_name,
     model_names,
     parse_version,
@@ -31,9 +32,10 @@ from convserve.contract import versions as versions_on_disk
 
 from .batcher import Batcher, BatchStats
 from .errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
+from .limits import MessageLimits, image_limits, needed
 from .metrics import Metrics
 from .observe import Recorder, VersionStats
-from .preprocess import blank_png, preprocess_encoded
+from .preprocess import ImageLimits, blank_png, preprocess_encoded
 from .runtime import ModelRuntime
 from .settings import Settings
 
@@ -83,6 +85,7 @@ class ModelVersion:
         self.outputs = {o.name: o for o in card.outputs}
         self.feature_maps = set(card.feature_map_names)
         self.stats = VersionStats()
+        self.image_limits = ImageLimits()  # validate_version sets this model's own
         self.batcher: Optional[Batcher] = None
         self.state = ModelState.READY
 
@@ -127,6 +130,7 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
         runtime = ModelRuntime(os.path.join(path, MODEL_FILE), settings)
         try:
             model = ModelVersion(name, version, card, runtime)
+            model.image_limits = image_limits(card, settings)
             missing = set(model.outputs) - set(runtime.output_names)
             if missing:
                 raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")
@@ -168,10 +172,13 @@ class Registry:
         # (name, version) -> (reason, fingerprint of its files when it failed)
         self._failed: dict[tuple[str, int], tuple[str, tuple]] = {}
         self._loading: set[tuple[str, int]] = set()
-        self._unloaded: set[str] = set()  # names unloaded on request: scans leave them alone
+        self._unloaded: set[str] = set()
+        self._ignored_logged: set[str] = set()  # names unloaded on request: scans leave them alone
         self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self._lock = asyncio.Lock()
         self._on_change = on_change
+        # the server's gRPC message limits, fixed when it starts (None until then)
+        self.message_limits: Optional[MessageLimits] = None
         metrics.read_queue_depth_from(self.queue_depths)
 
     # ---- lookups -----------------------------------------------------------------------------
@@ -239,6 +246,14 @@ class Registry:
     # ---- the repository on disk (blocking: called through _in_thread) ----------------------------
 
     def _disk_versions(self) -> list[tuple[str, int]]:
+        for entry in ignored_entries(self.repository):
+            if entry not in self._ignored_logged:  # once per folder, not once per scan
+                self._ignored_logged.add(entry)
+                log.warning(
+                    "ignoring %r in the repository: model names are letters, digits, '.', '_' and '-'; "
+                    "versions are ASCII digits",
+                    entry,
+                )
         return [
             (name, v)
             for name in model_names(self.repository)
@@ -355,6 +370,19 @@ class Registry:
         model.start(self.settings, lambda batch: record_batch(name, stats, batch))
         self._metrics.model_ready.labels(name, str(version)).set(1)
         log.info("model %s version %s ready on %s", name, version, model.execution_provider)
+        if self.message_limits is not None:
+            need = needed(model.card, self.settings)
+            if need.receive > self.message_limits.receive or need.send > self.message_limits.send:
+                log.warning(
+                    "model %s version %s: its largest request or response (%d / %d bytes) exceeds the server's "
+                    "gRPC message limits (%d / %d), fixed at start: restart, or set --max-message-bytes",
+                    name,
+                    version,
+                    need.receive,
+                    need.send,
+                    self.message_limits.receive,
+                    self.message_limits.send,
+                )
         return model
 
     async def _retire(self, name: str, versions: list[int]) -> None:

@@ -23,9 +23,9 @@ from convserve.cpus import available_cpus
 from .auth import AuthInterceptor
 from .dataplane import DataPlane
 from .introspection import IntrospectionServicer
+from .limits import cards_on_disk, message_limits
 from .metrics import Metrics
 from .observe import Recorder
-from .preprocess import ImageLimits
 from .proto import POOL
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
@@ -73,8 +73,7 @@ class Server:
         # threads as CPUs, since more would only queue for the same cores.
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
         self.shm = SystemSharedMemory()
-        limits = ImageLimits(settings.image_format_list(), settings.max_image_bytes, settings.max_image_pixels)
-        self.dataplane = DataPlane(self.registry, self.codec_executor, self.shm, limits)
+        self.dataplane = DataPlane(self.registry, self.codec_executor, self.shm)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
         self._poller: Optional[asyncio.Task] = None
@@ -95,9 +94,13 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
+        limits = message_limits(cards_on_disk(self.registry.repository), s)
+        self.registry.message_limits = limits
+        log.info("gRPC messages: at most %d bytes received, %d sent", limits.receive, limits.send)
         options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.receive),
+            ("grpc.max_send_message_length", limits.send),
+            ("grpc.max_concurrent_streams", s.max_streams_per_connection),
             # workers share the port; a lone server must not share it with a stray process
             ("grpc.so_reuseport", 1 if worker_identity() else 0),
         ]

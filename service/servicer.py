@@ -46,9 +46,6 @@ EXTENSIONS = [
 ]
 # CUDA shared memory needs cudaIpc handles opened on a GPU; it is not built until it can be tested there.
 _NO_CUDA_SHM = "CUDA shared memory is not supported by this server yet; use system shared memory"
-# Responses a stream may hold unwritten before the server stops reading that stream's requests:
-# a client that sends and never reads gets back-pressure (HTTP/2 flow control), not server memory.
-STREAM_PENDING_LIMIT = 32
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext, Outcome], Awaitable[Any]]
 
@@ -272,11 +269,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers every request on the stream, in completion order; a bad one gets error_message.
 
-        At most STREAM_PENDING_LIMIT requests are in progress or answered-but-unwritten at once;
-        past that the stream is not read until the client takes its answers.
+        At most `max_stream_in_flight` requests are in progress or answered-but-unwritten at once;
+        past that the stream is not read until the client takes its answers: a client that sends and
+        never reads gets back-pressure (HTTP/2 flow control), not server memory, and one stream holds
+        at most that many places in a model's shared queue.
         """
         results: asyncio.Queue = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_PENDING_LIMIT)
+        slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
         pending: set[asyncio.Task] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:

@@ -28,7 +28,9 @@ class Settings:
     host: str = _opt("0.0.0.0", "address to listen on")
     grpc_port: int = _opt(8001, "gRPC port (0: any free port)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (0: off)")
-    max_message_bytes: int = _opt(256 * 1024 * 1024, "largest gRPC message accepted or sent")
+    max_message_bytes: int = _opt(
+        0, "largest gRPC message accepted or sent (0: what the served models' largest request and response need)"
+    )
     tls_cert: str = _opt("", "PEM certificate chain: serve gRPC over TLS (with --tls-key)")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
     tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it (mutual TLS)")
@@ -41,8 +43,16 @@ class Settings:
     )
     # what a client may send
     image_formats: str = _opt("PNG,JPEG", "image formats the `image` input accepts (Pillow's names, comma list)")
-    max_image_bytes: int = _opt(16 * 1024 * 1024, "largest encoded image accepted, in bytes")
-    max_image_pixels: int = _opt(4096 * 4096, "largest image accepted, in pixels, read from its header before decoding")
+    max_image_bytes: int = _opt(0, "largest encoded image accepted, in bytes (0: 3 per allowed pixel, at most 16 MiB)")
+    max_image_pixels: int = _opt(
+        0, "largest image accepted, in pixels, read from its header (0: 64x the model's input area, 1024² to 4096²)"
+    )
+    max_streams_per_connection: int = _opt(
+        100, "RPCs one client connection may have in progress (HTTP/2 max concurrent streams; more wait at the client)"
+    )
+    max_stream_in_flight: int = _opt(
+        32, "requests of one ModelStreamInfer in progress or unread; past it the stream is not read until answers are"
+    )
     # batching
     max_batch_size: int = _opt(32, "most images per session run")
     max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")
@@ -75,14 +85,16 @@ class Settings:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
         if self.max_queue_delay_ms < 0 or self.poll_interval < 0 or self.grace_period < 0:
             raise ValueError("delays, intervals and grace periods cannot be negative")
-        if self.max_image_bytes < 1 or self.max_image_pixels < 1 or not self.image_format_list():
-            raise ValueError("image limits must be positive and at least one image format accepted")
+        if min(self.max_image_bytes, self.max_image_pixels, self.max_message_bytes) < 0 or not self.image_format_list():
+            raise ValueError("limits cannot be negative (0: derived), and at least one image format must be accepted")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.metrics_require_token and not self.auth_token:
             raise ValueError("--metrics-require-token needs an auth token (CONVSERVE_AUTH_TOKEN)")
+        if self.max_streams_per_connection < 1 or self.max_stream_in_flight < 1:
+            raise ValueError("max_streams_per_connection and max_stream_in_flight must be at least 1")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.instances is not None and self.instances < 1:

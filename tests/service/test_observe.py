@@ -10,12 +10,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from convserve.cpus import available_cpus
-from convserve.service import servicer as servicer_module
 from convserve.service.errors import INTERNAL_MESSAGE, InvalidInput
 from convserve.service.metrics import Metrics
 from convserve.service.observe import Outcome, Recorder, Timings, VersionStats
 from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.servicer import InferenceServicer, ServerState, rpc
+from convserve.service.settings import Settings
 
 
 def _text(metrics: Metrics) -> str:
@@ -90,14 +90,14 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_plainly(c
 
 
 def test_a_stream_that_is_not_read_is_not_read_from(monkeypatch):
-    monkeypatch.setattr(servicer_module, "STREAM_PENDING_LIMIT", 4)
     pulled = []
 
     class Servicer(InferenceServicer):
         async def _infer(self, request, outcome, deadline):
             return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
-    servicer = Servicer(None, None, None, lambda: ServerState.READY, Recorder(Metrics(), lambda name: True), None)
+    settings = Settings(max_stream_in_flight=4)
+    servicer = Servicer(None, None, settings, lambda: ServerState.READY, Recorder(Metrics(), lambda name: True), None)
 
     async def requests():
         for i in range(1000):

@@ -12,7 +12,6 @@ from convserve.models.export import export_checkpoint
 from convserve.service.dataplane import DataPlane
 from convserve.service.metrics import Metrics
 from convserve.service.observe import Outcome, Recorder
-from convserve.service.preprocess import ImageLimits
 from convserve.service.protocol import InferRequest
 from convserve.service.registry import ModelState, Registry
 from convserve.service.settings import Settings
@@ -32,7 +31,7 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
             Recorder(metrics, lambda name: True),
         )
         await registry.scan()
-        plane = DataPlane(registry, ThreadPoolExecutor(2), SystemSharedMemory(), ImageLimits())
+        plane = DataPlane(registry, ThreadPoolExecutor(2), SystemSharedMemory())
         old = registry.resolve("digits")
         run = old.batcher._runner
 

@@ -136,3 +136,35 @@ def test_16_bit_and_exif_rotated_images_decode_like_their_8_bit_upright_twins():
         ).max()
         <= 1
     )
+
+
+def _card(c, h, w, outputs):
+    from convserve.contract import ModelCard, TensorSpec
+
+    specs = [TensorSpec(name, "FP32", (-1, *shape)) for name, shape in outputs.items()]
+    return ModelCard(
+        "m", 1, [], PreprocessSpec(height=h, width=w, channels=c, mean=(0.0,) * c, std=(1.0,) * c), specs, [], "0" * 64
+    )
+
+
+def test_limits_are_derived_from_the_model_unless_set():
+    from convserve.service.limits import image_limits, message_limits, needed
+
+    digits = _card(1, 8, 8, {"logits": (10,), "probabilities": (10,), "conv1": (16, 8, 8)})
+    alexnet = _card(3, 224, 224, {"logits": (1000,), "probabilities": (1000,), "conv1": (64, 55, 55)})
+    s = settings_module.Settings()
+    small, large = image_limits(digits, s), image_limits(alexnet, s)
+    assert small.max_pixels == 1024 * 1024 and small.max_bytes == 3 * 1024 * 1024  # the floor: photos of digits
+    assert large.max_pixels == 64 * 224 * 224 and large.max_bytes == 3 * 64 * 224 * 224
+    assert small.formats == ("PNG", "JPEG")
+    # a full batch of FP32 input (twice, for margin) or two of the largest images; a full batch of every output
+    batch = 4 * 3 * 224 * 224 * 32
+    assert needed(alexnet, s).receive == max(2 * batch, 2 * large.max_bytes) + 64 * 1024
+    assert needed(alexnet, s).send == 32 * 4 * (1000 + 1000 + 64 * 55 * 55) + 64 * 1024
+    both = message_limits([digits, alexnet], s)
+    assert both.receive == needed(alexnet, s).receive < 64 * 1024 * 1024  # not 256 MB
+    assert message_limits([digits], s).receive < 8 * 1024 * 1024
+    assert message_limits([], s).receive == 1024 * 1024
+    chosen = settings_module.Settings(max_image_pixels=500, max_image_bytes=7, max_message_bytes=99)
+    assert image_limits(alexnet, chosen).max_pixels == 500 and image_limits(alexnet, chosen).max_bytes == 7
+    assert message_limits([alexnet], chosen) == type(both)(99, 99)
