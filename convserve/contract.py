@@ -23,6 +23,9 @@ from PIL import Image, ImageOps
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
+# the convolution kernels behind the feature maps (numpy .npz, one FP32 array per feature-map name,
+# (out, in, kh, kw)), for pictures of what each layer looks for; optional
+FILTERS_FILE = "filters.npz"
 INPUT_NAME = "input"  # the graph's one input: an already normalised FP32 batch
 PLATFORM = "onnxruntime_onnx"
 

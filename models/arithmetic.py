@@ -390,6 +390,96 @@ def format_table(table: Table, *, title: str = "", show_all: bool = False) -> st
     return "\n".join(lines)
 
 
+# ---- worked out: the formulas with the numbers put in ---------------------------------------------
+
+
+def _size_step(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool = False) -> str:
+    """One spatial dimension of conv_output_size, written out: floor((224 + 2·2 − 11)/4) + 1 = 55."""
+    out = conv_output_size(size, kernel, stride, padding, dilation, ceil_mode)
+    rounding = "ceil" if ceil_mode else "floor"
+    span = (
+        f"{size} + 2·{padding} − {kernel}" if dilation == 1 else f"{size} + 2·{padding} − {dilation}·({kernel}−1) − 1"
+    )
+    return f"{rounding}(({span})/{stride}) + 1 = {out}"
+
+
+def _field_step(before: tuple[Pair, Pair] | None, kernel: Pair, stride: Pair, dilation: Pair) -> str:
+    if before is None:
+        return ""
+    (r, _), (j, _) = before
+    k = dilation[0] * (kernel[0] - 1) + 1
+    return f"receptive field {r} + ({k} − 1)·{j} = {r + (k - 1) * j}; jump {j}·{stride[0]} = {j * stride[0]}"
+
+
+def explain(nodes: Sequence[Node], input_shape: Sequence[int]) -> list[tuple[LayerRow, list[str]]]:
+    """Each conv, pool and fully connected layer with its arithmetic worked out step by step (output
+    size, parameters, MACs, receptive field and jump), from the same walk as `analyze`: the numbers
+    equal the table's. Returns (row, lines) per layer explained."""
+    input_shape = tuple(int(d) for d in input_shape)
+    shapes: dict[str, tuple[int, ...]] = {"input": input_shape}
+    fields: dict[str, tuple[Pair, Pair] | None] = {"input": ((1, 1), (1, 1)) if len(input_shape) == 3 else None}
+    explained = []
+    for node in nodes:
+        ins = [shapes[i] for i in node.inputs]
+        before = fields[node.inputs[0]]
+        row, rf_jump = layer_row(node.name, node.spec, ins, [fields[i] for i in node.inputs])
+        shapes[node.name], fields[node.name] = row.output_shape, rf_jump
+        spec, lines = node.spec, []
+        if isinstance(spec, (Conv2d, Pool2d)):
+            c, h, w = ins[0]
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel_size, spec.stride, spec.padding, spec.dilation
+            ceil_mode = getattr(spec, "ceil_mode", False)
+            lines.append(f"height: {_size_step(h, kh, sh, ph, dh, ceil_mode)}")
+            if (w, kw, sw, pw, dw) != (h, kh, sh, ph, dh):
+                lines.append(f"width:  {_size_step(w, kw, sw, pw, dw, ceil_mode)}")
+            if isinstance(spec, Conv2d):
+                per_filter = spec.in_channels // spec.groups
+                bias = f" + {spec.out_channels}" if spec.bias else ""
+                lines.append(
+                    f"parameters: {kh}·{kw}·{per_filter}·{spec.out_channels}{bias} = {row.params:,}"
+                    + (
+                        f" (groups {spec.groups}: {spec.in_channels}/{spec.groups} inputs per filter)"
+                        if spec.groups > 1
+                        else ""
+                    )
+                )
+                _, oh, ow = row.output_shape
+                lines.append(
+                    f"MACs: {kh}·{kw}·{per_filter}·{spec.out_channels} weights × {oh}·{ow} positions = {row.macs:,}"
+                )
+            else:
+                lines.append(f"channels: {c} in, {c} out (pooling has no parameters)")
+            step = _field_step(before, spec.kernel_size, spec.stride, spec.dilation)
+            if step:
+                lines.append(step)
+        elif isinstance(spec, Linear):
+            bias = f" + {spec.out_features}" if spec.bias else ""
+            lines.append(f"parameters: {spec.in_features}·{spec.out_features}{bias} = {row.params:,}")
+            lines.append(f"MACs: {spec.in_features}·{spec.out_features} = {row.macs:,}")
+        else:
+            continue
+        explained.append((row, lines))
+    return explained
+
+
+def format_explanation(explained: list[tuple[LayerRow, list[str]]], table: Table, *, title: str = "") -> str:
+    out = [title] if title else []
+    out.append(
+        f"input {_fmt_shape(table.input_shape)}; output size floor((W + 2P − K)/S) + 1 (dilation D: K → D·(K−1) + 1)"
+    )
+    for row, lines in explained:
+        out.append("")
+        out.append(
+            f"{row.name}  {row.detail or row.op}  {_fmt_shape(row.input_shape)} → {_fmt_shape(row.output_shape)}"
+        )
+        out.extend(f"  {line}" for line in lines)
+    out.append("")
+    terms = [f"{r.params:,}" for r, _ in explained if r.params]
+    sum_text = " + ".join(terms) if len(terms) <= 12 else f"the {len(terms)} layers above"
+    out.append(f"total parameters: {sum_text} = {table.total_params:,}")
+    return "\n".join(out)
+
+
 # ---- ONNX frontend -----------------------------------------------------------------------------
 
 

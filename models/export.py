@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convserve.contract import CARD_FILE, INPUT_NAME, MODEL_FILE, ModelCard, PreprocessSpec, TensorSpec
+from convserve.contract import CARD_FILE, FILTERS_FILE, INPUT_NAME, MODEL_FILE, ModelCard, PreprocessSpec, TensorSpec
 
 from .arithmetic_torch import analyze_module
 from .checkpoint import Checkpoint, CheckpointError
@@ -148,8 +149,14 @@ def export_model(
     worst = check_parity(model, onnx_bytes, input_shape, real_inputs)
     with torch.no_grad():
         _, maps = model.forward_with_feature_maps(torch.zeros(1, *input_shape))
+    filters = feature_map_filters(model)
     feature_maps = [
-        {"name": tap, "layer": f"features.{child}", "shape": [-1, *maps[tap].shape[1:]]}
+        {
+            "name": tap,
+            "layer": f"features.{child}",
+            "shape": [-1, *maps[tap].shape[1:]],
+            **({"conv": filters[tap][0]} if tap in filters else {}),
+        }
         for tap, child in model.feature_taps.items()
     ]
     outputs = [
@@ -181,8 +188,31 @@ def export_model(
         card.version = version
         return card.to_json()
 
-    folder, _ = write_version(repository, name, {MODEL_FILE: onnx_bytes, CARD_FILE: card_json})
+    kernels = io.BytesIO()
+    np.savez(kernels, **{tap: weights for tap, (_, weights) in filters.items()})
+    files = {MODEL_FILE: onnx_bytes, FILTERS_FILE: kernels.getvalue(), CARD_FILE: card_json}
+    folder, _ = write_version(repository, name, files)
     return folder
+
+
+def feature_map_filters(model: ZooCNN) -> dict[str, tuple[str, np.ndarray]]:
+    """{feature-map name: (conv row name in the arithmetic table, its kernels (out, in, kh, kw))} for
+    the feature maps that one convolution makes: the tap's own child of `features`, or the nearest
+    weighted one before it, holding exactly one Conv2d (an inception block's output has many, and
+    no single filter bank)."""
+    children = list(model.features.named_children())
+    found = {}
+    for tap, child in model.feature_taps.items():
+        index = next(i for i, (name, _) in enumerate(children) if name == child)
+        while index > 0 and not any(True for _ in children[index][1].parameters()):
+            index -= 1
+        name, module = children[index]
+        convs = [(sub, m) for sub, m in module.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        if len(convs) == 1:
+            sub, conv = convs[0]
+            layer = name + (f".{sub}" if sub else "")  # the arithmetic table's row name (conv1, conv1.conv)
+            found[tap] = (layer, conv.weight.detach().cpu().numpy().astype(np.float32))
+    return found
 
 
 def export_checkpoint(checkpoint: str, *, repository: str, name: str | None = None) -> str:

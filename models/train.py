@@ -240,7 +240,7 @@ def train(config: TrainConfig) -> TrainResult:
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            if show_progress:
+            if bar is not loader:
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.3f}",
                     acc=f"{correct / seen:.3f}",
@@ -306,7 +306,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _progress(loader, epoch: int, epochs: int, show: bool):
-    if not show:
+    """A progress bar over one epoch, on a terminal only: piped or in a container's log, carriage-return
+    frames would pile up (hundreds of KB), and the one line per epoch printed after it says enough."""
+    if not show or not sys.stderr.isatty():
         return loader
     from tqdm import tqdm
 

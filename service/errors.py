@@ -53,6 +53,13 @@ class ShuttingDown(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(ServingError):
+    """The request is well formed, but what it asks for does not exist in this state (a version
+    exported without the file it needs)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unimplemented(ServingError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

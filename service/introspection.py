@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import zipfile
 
+import numpy as np
+
+from convserve.contract import FILTERS_FILE
+
+from .errors import FailedPrecondition, NotFound
 from .observe import Recorder
 from .proto import introspection_pb2 as ipb
 from .proto import introspection_pb2_grpc as ipb_grpc
@@ -48,3 +56,33 @@ class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
                 detail=layer.get("detail", ""),
             )
         return response
+
+    @rpc
+    async def LayerFilters(self, request, context, outcome):
+        model = self.registry.resolve(request.name, request.version)
+        entry = next((f for f in model.card.feature_maps if f["name"] == request.feature_map), None)
+        if entry is None:
+            known = ", ".join(model.card.feature_map_names) or "none"
+            raise NotFound(f"no feature map {request.feature_map[:64]!r}; this model has: {known}")
+        if "conv" not in entry:
+            raise FailedPrecondition(f"feature map {entry['name']!r} is not the output of a single convolution")
+        try:
+            weights = await asyncio.to_thread(_read_filters, model.folder, entry["name"])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            raise FailedPrecondition(
+                f"version {model.version} of {model.name!r} has no readable {FILTERS_FILE}: export it again"
+            ) from None
+        return ipb.LayerFiltersResponse(
+            feature_map=entry["name"],
+            layer=entry["conv"],
+            shape=list(weights.shape),
+            weights=weights.astype("<f4", copy=False).tobytes(),
+        )
+
+
+def _read_filters(folder: str, name: str) -> np.ndarray:
+    with np.load(os.path.join(folder, FILTERS_FILE), allow_pickle=False) as archive:
+        weights = archive[name]
+    if weights.ndim != 4:
+        raise ValueError(f"{name}: expected (out, in, kh, kw), got {weights.shape}")
+    return weights

@@ -86,6 +86,7 @@ class ModelVersion:
         self.feature_maps = set(card.feature_map_names)
         self.stats = VersionStats()
         self.image_limits = ImageLimits()  # validate_version sets this model's own
+        self.folder = ""  # the version folder it was loaded from
         self.batcher: Optional[Batcher] = None
         self.state = ModelState.READY
 
@@ -131,6 +132,7 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
         try:
             model = ModelVersion(name, version, card, runtime)
             model.image_limits = image_limits(card, settings)
+            model.folder = path
             missing = set(model.outputs) - set(runtime.output_names)
             if missing:
                 raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")

@@ -31,6 +31,11 @@ def _arithmetic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--all", action="store_true", help="show every layer, activations included")
     p.add_argument("--paper", action="store_true", help="googlenet only: Table 1 of the paper beside our numbers")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="work each layer out with the numbers in the formulas (output size, parameters, MACs, receptive field)",
+    )
 
 
 def _arithmetic(args: argparse.Namespace) -> int:
@@ -53,19 +58,28 @@ def _arithmetic(args: argparse.Namespace) -> int:
         if shape is not None and tuple(shape) != tuple(file_shape):
             raise UsageError(f"{args.model} takes {'x'.join(map(str, file_shape))} inputs; --input cannot change that")
         table = ar.analyze(nodes, file_shape)
+        shape = file_shape
         title = args.model
     else:
         model = _zoo_model(args.model, num_classes=args.num_classes, in_channels=shape[0] if shape else None)
-        from convserve.models.arithmetic_torch import analyze_module
-
         shape = shape or model.default_input
         try:
-            table = analyze_module(model, shape)
+            from convserve.models.arithmetic_torch import trace
+
+            nodes, _ = trace(model, shape)
+            table = ar.analyze(nodes, shape)
         except (ValueError, RuntimeError) as exc:
             raise UsageError(
                 f"{args.model} cannot take a {'x'.join(map(str, shape))} input: {exc}".splitlines()[0]
             ) from None
         title = f"{args.model} on {'x'.join(map(str, shape))}"
+    if args.explain:
+        if args.json:
+            raise UsageError("--explain prints the worked-out steps; it does not combine with --json")
+        print(ar.format_explanation(ar.explain(nodes, shape), table, title=title))
+        if not args.paper:
+            return 0
+        print()
     if args.paper:
         if args.model != "googlenet" or tuple(table.input_shape) != (3, 224, 224):
             raise UsageError("--paper compares with GoogLeNet's Table 1: use `arithmetic googlenet --paper`")

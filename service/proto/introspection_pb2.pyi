@@ -65,3 +65,25 @@ class DescribeModelResponse(_message.Message):
     execution_provider: str
     sha256: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerArithmetic, _Mapping]]] = ..., total_params: _Optional[int] = ..., total_macs: _Optional[int] = ..., feature_maps: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., training_json: _Optional[str] = ..., preprocess_json: _Optional[str] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class LayerFiltersRequest(_message.Message):
+    __slots__ = ("name", "version", "feature_map")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_MAP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    feature_map: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., feature_map: _Optional[str] = ...) -> None: ...
+
+class LayerFiltersResponse(_message.Message):
+    __slots__ = ("feature_map", "layer", "shape", "weights")
+    FEATURE_MAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    feature_map: str
+    layer: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    weights: bytes
+    def __init__(self, feature_map: _Optional[str] = ..., layer: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., weights: _Optional[bytes] = ...) -> None: ...

@@ -39,6 +39,11 @@ class IntrospectionStub:
                 request_serializer=convserve_dot_v1_dot_introspection__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=convserve_dot_v1_dot_introspection__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.LayerFilters = channel.unary_unary(
+                '/convserve.v1.Introspection/LayerFilters',
+                request_serializer=convserve_dot_v1_dot_introspection__pb2.LayerFiltersRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_introspection__pb2.LayerFiltersResponse.FromString,
+                _registered_method=True)
 
 
 class IntrospectionServicer:
@@ -50,6 +55,13 @@ class IntrospectionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LayerFilters(self, request, context):
+        """The convolution kernels behind one feature map: what each of its channels looks for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntrospectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_IntrospectionServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=convserve_dot_v1_dot_introspection__pb2.DescribeModelRequest.FromString,
                     response_serializer=convserve_dot_v1_dot_introspection__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'LayerFilters': grpc.unary_unary_rpc_method_handler(
+                    servicer.LayerFilters,
+                    request_deserializer=convserve_dot_v1_dot_introspection__pb2.LayerFiltersRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_introspection__pb2.LayerFiltersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class Introspection:
             '/convserve.v1.Introspection/DescribeModel',
             convserve_dot_v1_dot_introspection__pb2.DescribeModelRequest.SerializeToString,
             convserve_dot_v1_dot_introspection__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LayerFilters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Introspection/LayerFilters',
+            convserve_dot_v1_dot_introspection__pb2.LayerFiltersRequest.SerializeToString,
+            convserve_dot_v1_dot_introspection__pb2.LayerFiltersResponse.FromString,
             options,
             channel_credentials,
             insecure,
