@@ -1,11 +1,19 @@
-"""A small client for convserve (any V2 gRPC server works): infer with arrays or encoded images."""
+"""The Python client of convserve: numpy and grpcio only (no torch, no tritonclient).
+
+`Client(url)` (and `AsyncClient` for asyncio) classifies images (`classify`: top-k labels with
+probabilities, the feature maps asked for as arrays, the request's metrics), sends raw tensors
+(`infer`, any V2 gRPC server), lists the repository (`models`), describes a model layer by layer
+(`describe`) and fetches the kernels behind a feature map (`filters`). Shared memory: `infer`
+with `input_shm`/`output_shm` (see SystemSharedMemory in the README).
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Optional
 
@@ -15,6 +23,8 @@ import numpy as np
 from .postprocess import serialize_bytes
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
+from .proto import introspection_pb2 as ipb
+from .proto import introspection_pb2_grpc as ipb_grpc
 from .protocol import ShmRef, output_array
 
 
@@ -119,6 +129,85 @@ def open_channel(
     return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # the model's label, or the index as text for a model without labels
+    index: int
+    probability: float
+
+
+@dataclass
+class Classification:
+    """What `classify` returns per image."""
+
+    top_k: list[Prediction]
+    feature_maps: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (C, H, W) float32
+    metrics: dict = field(default_factory=dict)  # the request's (shared by the images sent together)
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0].label
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+def _image_bytes(images: Sequence) -> list[bytes]:
+    """Encoded images as given, or read from their paths."""
+    out = []
+    for image in images:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            out.append(bytes(image))
+        else:
+            with open(os.fspath(image), "rb") as handle:
+                out.append(handle.read())
+    return out
+
+
+def classify_request(
+    model: str, images: list[bytes], top_k: int, feature_maps: Sequence[str], fp16: bool, version: str
+) -> pb.ModelInferRequest:
+    if top_k < 1:
+        raise ValueError("top_k must be at least 1")
+    half = list(feature_maps) if fp16 else []
+    return build_request(
+        model,
+        images=images,
+        outputs=["probabilities", *feature_maps],
+        classification=top_k,
+        fp16=half,
+        version=version,
+    )
+
+
+def parse_classifications(response: pb.ModelInferResponse, feature_maps: Sequence[str]) -> list[Classification]:
+    """One Classification per image of a `classify_request`'s response."""
+    metrics = Client.parameters(response)
+    rows = output_array(response, "probabilities")
+    maps = {name: output_array(response, name).astype(np.float32) for name in feature_maps}
+    results = []
+    for i, row in enumerate(rows):
+        top = []
+        for item in row:
+            score, index, *label = item.decode().split(":", 2)
+            top.append(Prediction(label[0] if label and label[0] else index, int(index), float(score)))
+        results.append(Classification(top, {name: fmap[i] for name, fmap in maps.items()}, metrics))
+    return results
+
+
+def model_statuses(index: pb.RepositoryIndexResponse) -> list[ModelStatus]:
+    return [ModelStatus(m.name, m.version, m.state, m.reason) for m in index.models]
+
+
+def filters_array(answer: ipb.LayerFiltersResponse) -> np.ndarray:
+    return np.frombuffer(answer.weights, dtype="<f4").reshape(tuple(answer.shape))
+
+
 class Client:
     def __init__(
         self,
@@ -147,7 +236,48 @@ class Client:
         return self.stub.ServerReady(pb.ServerReadyRequest()).ready
 
     def infer(self, model: str, *, timeout: Optional[float] = None, **kwargs) -> pb.ModelInferResponse:
+        """Raw tensors (`array=`), encoded images (`images=`) or shared memory (`input_shm=`), as
+        build_request takes them; the V2 response (`Client.outputs(response)` for its arrays)."""
         return self.stub.ModelInfer(build_request(model, **kwargs), timeout=timeout)
+
+    def classify(
+        self,
+        images: Sequence,
+        model: str = "digits",
+        *,
+        top_k: int = 5,
+        feature_maps: Sequence[str] | str = (),
+        fp16: bool = False,
+        version: str = "",
+        timeout: Optional[float] = 60.0,
+    ) -> list[Classification]:
+        """Encoded images (bytes or file paths) -> per image the top-k labels with probabilities, the
+        feature maps asked for (names, or "all") as (C, H, W) arrays, and the request's metrics. The
+        images go in one request: at most the model's max batch size."""
+        names = list(self.describe(model, version).feature_maps) if feature_maps == "all" else list(feature_maps)
+        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version)
+        return parse_classifications(self.stub.ModelInfer(request, timeout=timeout), names)
+
+    def models(self, timeout: Optional[float] = 10.0) -> list[ModelStatus]:
+        """Every model version the repository holds, with its state and, if it failed, why."""
+        return model_statuses(self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout))
+
+    def describe(self, model: str, version: str = "", timeout: Optional[float] = 10.0) -> ipb.DescribeModelResponse:
+        """A served model layer by layer (the arithmetic table), its labels, feature maps and provenance."""
+        request = ipb.DescribeModelRequest(name=model, version=version)
+        return ipb_grpc.IntrospectionStub(self.channel).DescribeModel(request, timeout=timeout)
+
+    def filters(
+        self, model: str, feature_map: str, version: str = "", timeout: Optional[float] = 30.0
+    ) -> tuple[str, np.ndarray]:
+        """(conv layer name, its kernels (out, in, kh, kw)) behind one feature map."""
+        request = ipb.LayerFiltersRequest(name=model, version=version, feature_map=feature_map)
+        answer = ipb_grpc.IntrospectionStub(self.channel).LayerFilters(request, timeout=timeout)
+        return answer.layer, filters_array(answer)
+
+    @staticmethod
+    def outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+        return {tensor.name: output_array(response, tensor.name) for tensor in response.outputs}
 
     @staticmethod
     def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
@@ -175,3 +305,77 @@ def wait_until_ready(
                 pass
             time.sleep(0.1)
     raise RuntimeError(f"server at {url} not ready within {timeout:.0f} s")
+
+
+class AsyncClient:
+    """`Client` for asyncio: the same methods, awaited."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        token: str = "",
+        tls: Optional[Tls] = None,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls is not None:
+            self.channel = grpc.aio.secure_channel(url, tls.credentials(), options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(url, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._introspection = ipb_grpc.IntrospectionStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def ready(self) -> bool:
+        return (await self.stub.ServerReady(pb.ServerReadyRequest(), metadata=self._metadata)).ready
+
+    async def infer(self, model: str, *, timeout: Optional[float] = None, **kwargs) -> pb.ModelInferResponse:
+        return await self.stub.ModelInfer(build_request(model, **kwargs), timeout=timeout, metadata=self._metadata)
+
+    async def classify(
+        self,
+        images: Sequence,
+        model: str = "digits",
+        *,
+        top_k: int = 5,
+        feature_maps: Sequence[str] | str = (),
+        fp16: bool = False,
+        version: str = "",
+        timeout: Optional[float] = 60.0,
+    ) -> list[Classification]:
+        names = (
+            list((await self.describe(model, version)).feature_maps) if feature_maps == "all" else list(feature_maps)
+        )
+        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version)
+        response = await self.stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
+        return parse_classifications(response, names)
+
+    async def models(self, timeout: Optional[float] = 10.0) -> list[ModelStatus]:
+        index = await self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout, metadata=self._metadata)
+        return model_statuses(index)
+
+    async def describe(
+        self, model: str, version: str = "", timeout: Optional[float] = 10.0
+    ) -> ipb.DescribeModelResponse:
+        request = ipb.DescribeModelRequest(name=model, version=version)
+        return await self._introspection.DescribeModel(request, timeout=timeout, metadata=self._metadata)
+
+    async def filters(
+        self, model: str, feature_map: str, version: str = "", timeout: Optional[float] = 30.0
+    ) -> tuple[str, np.ndarray]:
+        request = ipb.LayerFiltersRequest(name=model, version=version, feature_map=feature_map)
+        answer = await self._introspection.LayerFilters(request, timeout=timeout, metadata=self._metadata)
+        return answer.layer, filters_array(answer)

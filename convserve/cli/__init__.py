@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import serving, training
+from . import looking, serving, training
 from .base import UsageError
 
-COMMANDS = [*training.COMMANDS, *serving.COMMANDS]
+COMMANDS = [*training.COMMANDS, *serving.COMMANDS, *looking.COMMANDS]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from .base import Command, UsageError, add_flags, add_server_flags, rpc_errors
+from .base import Command, UsageError, add_flags, add_server_flags, client_tls, rpc_errors
 
 # ---- serve -------------------------------------------------------------------------------------
 
@@ -43,52 +43,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tls(args: argparse.Namespace):
-    """The client's TLS from --tls/--tls-ca/--tls-cert/--tls-key; None for a plain connection."""
-    from convserve.service.client import Tls
-
-    if not (args.tls or args.tls_ca or args.tls_cert):
-        return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    return Tls(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
-
-
-# ---- infer -------------------------------------------------------------------------------------
-
-
-def _infer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="PNG/JPEG files")
-    p.add_argument("--model", required=True)
-    p.add_argument("--top", type=int, default=3, help="classes to show per image")
-    p.add_argument("--feature-map", action="append", default=[], help="also fetch this feature map (repeatable)")
-    add_server_flags(p)
-
-
-def _infer(args: argparse.Namespace) -> int:
-    from convserve.service.client import Client
-
-    images = []
-    for path in args.images:
-        try:
-            with open(path, "rb") as handle:
-                images.append(handle.read())
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    outputs = ["probabilities", *args.feature_map]
-    with Client(args.url, token=args.token, tls=_tls(args)) as client, rpc_errors():
-        response = client.infer(args.model, images=images, outputs=outputs, classification=args.top, timeout=30)
-        top = client.output(response, "probabilities")
-        for path, row in zip(args.images, top):
-            print(f"{path}: " + "  ".join(item.decode() for item in row))
-        for name in args.feature_map:
-            fmap = client.output(response, name)
-            print(f"{name}: shape {list(fmap.shape)}, mean {float(fmap.mean()):.4f}, max {float(fmap.max()):.4f}")
-        params = client.parameters(response)
-        print("metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
-    return 0
-
-
 # ---- models and describe (read a running server) -------------------------------------------------
 
 
@@ -96,7 +50,7 @@ def _models(args: argparse.Namespace) -> int:
     from convserve.service.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
 
-    with Client(args.url, token=args.token, tls=_tls(args)) as client, rpc_errors():
+    with Client(args.url, token=args.token, tls=client_tls(args)) as client, rpc_errors():
         index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
     for model in index.models:
         print(f"{model.name:<24} {model.version:>7}  {model.state:<12} {model.reason}")
@@ -114,7 +68,7 @@ def _describe(args: argparse.Namespace) -> int:
     from convserve.service.proto import introspection_pb2 as ipb
     from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
 
-    with open_channel(args.url, args.token, tls=_tls(args)) as channel, rpc_errors():
+    with open_channel(args.url, args.token, tls=client_tls(args)) as channel, rpc_errors():
         answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
             ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10
         )
@@ -214,7 +168,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 COMMANDS = [
     Command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args, _serve),
-    Command("infer", "classify image files with a running server", _infer_args, _infer),
     Command("models", "list a running server's model versions with their state", add_server_flags, _models),
     Command("describe", "a served model's arithmetic table and training provenance", _describe_args, _describe),
     Command("bench", "server throughput and latency as ratios of in-process onnxruntime", _bench_args, _bench),
