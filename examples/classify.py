@@ -1,7 +1,7 @@
 """Classify the example digits with a running server and look at one feature map, from Python.
 
-    make serve                            # in one terminal
-    .venv/bin/python examples/classify.py # in another (--url HOST:PORT for another server)
+make serve                            # in one terminal
+.venv/bin/python examples/classify.py # in another (--url HOST:PORT for another server)
 """
 
 import argparse
