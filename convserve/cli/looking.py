@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from .base import Command, UsageError, add_server_flags, connect, rpc_errors
+from .base import Command, UsageError, add_server_flags, rpc_errors
+from .remote import connect
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

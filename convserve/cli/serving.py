@@ -7,7 +7,8 @@ import argparse
 import json
 import os
 
-from .base import Command, UsageError, add_flags, add_server_flags, client_tls, rpc_errors
+from .base import Command, UsageError, add_flags, add_server_flags, rpc_errors
+from .remote import client_tls
 
 # ---- serve -------------------------------------------------------------------------------------
 
