@@ -21,6 +21,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
+from .gpu_metrics import GpuCollector
+
 _LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -134,6 +136,14 @@ class Metrics:
         self.feature_map_bytes = Counter(
             "convserve_feature_map_bytes_total", "feature-map bytes sent", ["model"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "convserve_queue_capacity",
+            "requests that may wait per model version (--max-queue-size): the alert's 'near full'",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        if not self.multiprocess:  # under --workers the supervisor reads the GPUs once for all
+            r.register(GpuCollector())
 
     def read_queue_depth_from(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Where convserve_queue_depth comes from: model name -> requests waiting, read at each scrape."""

@@ -355,6 +355,9 @@ class Registry:
 
     async def _validate(self, name: str, version: int, path: str, files: tuple) -> Optional[ModelVersion]:
         key = (name, version)
+        # the failure counter exists at 0 from the first sight of a model: an alert on its increase
+        # sees the first failure (a series born at 1 has no increase to Prometheus)
+        self._metrics.load_failures.labels(name)
         self._loading.add(key)
         try:
             model = await asyncio.get_running_loop().run_in_executor(

@@ -65,6 +65,7 @@ class Server:
         self.settings = settings
         self.state = ServerState.STARTING
         self.metrics = Metrics()
+        self.metrics.queue_capacity.set(settings.max_queue_size)
         self.health = health.aio.HealthServicer()
         # the recorder asks the registry (made next) which names are served ones
         self.recorder = Recorder(self.metrics, lambda name: self.registry.is_served(name))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from .gpu_metrics import GpuCollector
 from .settings import Settings
 
 log = logging.getLogger("convserve")
@@ -91,6 +92,7 @@ def run_workers(settings: Settings) -> int:
     if settings.metrics_port:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        registry.register(GpuCollector())
         token = settings.auth_token if settings.metrics_require_token else ""
         metrics_server, _ = serve_metrics(
             registry, settings.metrics_port, settings.metrics_host or settings.host, token

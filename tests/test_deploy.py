@@ -1,11 +1,16 @@
 """docker-compose.yml and deploy/: what the containers run is what our CLI accepts."""
 
+import ast
+import importlib.metadata
 import os
+import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
+import tomllib
 import yaml
 
 from convserve.cli import build_parser
@@ -28,7 +33,10 @@ def test_server_command_and_environment_are_real_settings(compose):
     assert settings.max_batch_size == int(server["environment"]["CONVSERVE_MAX_BATCH_SIZE"])
     known = {"CONVSERVE_" + name.upper() for name in Settings.__dataclass_fields__}
     assert set(server["environment"]) <= known
-    assert {"8001:8001", "8002:8002"} <= set(server["ports"])
+    # replicas publish nothing themselves (--scale): the load balancer takes the gRPC port
+    assert "ports" not in server and {"8001", "8002"} <= set(server["expose"])
+    assert compose["services"]["lb"]["ports"] == ["8001:8001"]
+    assert "models:/models:ro" in server["volumes"]  # the server only reads the repository
     # the container's grace period outlasts the server's own
     assert float(server["stop_grace_period"].rstrip("s")) > settings.grace_period
 
@@ -41,14 +49,162 @@ def test_trainer_command_parses(compose):
     assert args.repository == "/models"
 
 
-def test_prometheus_scrapes_the_metrics_port(compose):
-    with open(os.path.join(ROOT, "deploy", "prometheus.yml")) as handle:
+def test_prometheus_finds_every_replica_and_loads_the_alerts():
+    with open(os.path.join(ROOT, "deploy", "prometheus", "prometheus.yml")) as handle:
         config = yaml.safe_load(handle)
-    targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == ["server:8002"] and Settings().metrics_port == 8002
+    (job,) = config["scrape_configs"]
+    assert job["dns_sd_configs"] == [{"names": ["server"], "type": "A", "port": 8002, "refresh_interval": "15s"}]
+    assert Settings().metrics_port == 8002 and config["rule_files"] == ["alerts.yml"]
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian's) not installed")
-def test_docker_compose_config_validates():
-    result = subprocess.run(["docker-compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+def test_the_gpu_variant_reserves_a_gpu_on_the_cuda_image():
+    with open(os.path.join(ROOT, "docker-compose.gpu.yml")) as handle:
+        server = yaml.safe_load(handle)["services"]["server"]
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert server["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
+    with open(os.path.join(ROOT, "deploy", "Dockerfile.gpu")) as handle:
+        assert re.search(r"^FROM nvidia/cuda:13\.\S*cudnn-runtime", handle.read(), re.M)
+
+
+def _dockerfile(name: str) -> str:
+    with open(os.path.join(ROOT, "deploy", name)) as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu", "Dockerfile.train"])
+def test_images_run_as_a_user_that_is_not_root(name):
+    lines = [line.split() for line in _dockerfile(name).splitlines() if line and not line.startswith("#")]
+    users = [words[1] for words in lines if words[0] == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    last_run = max(i for i, words in enumerate(lines) if words[0] == "RUN")
+    assert any(words[0] == "USER" for words in lines[last_run:])
+
+
+def test_the_training_image_pins_the_torch_the_tests_use():
+    with open(os.path.join(ROOT, ".ci", "run")) as handle:
+        tested = re.search(r"torch==([\d.]+)", handle.read()).group(1)
+    assert f"ARG TORCH_VERSION={tested}" in _dockerfile("Dockerfile.train")
+
+
+def _third_party_imports(folders) -> set:
+    names = set()
+    for folder in folders:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            if "proto" in dirpath.split(os.sep):
+                continue
+            for file in files:
+                if file.endswith(".py"):
+                    with open(os.path.join(dirpath, file)) as handle:
+                        tree = ast.parse(handle.read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            names.update(alias.name.split(".")[0] for alias in node.names)
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "convserve"}
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_serving_image_installs_every_package_the_serving_half_imports(name):
+    """The images install pyproject's dependencies (nothing by hand that a fresh build would miss);
+    every third-party module the serving half and the CLI import comes from one of them."""
+    text = _dockerfile(name)
+    assert "tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']" in text
+    assert "pip install --no-cache-dir -r requirements.txt" in text
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        dependencies = tomllib.load(handle)["project"]["dependencies"]
+    installed = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in dependencies}
+    providers = importlib.metadata.packages_distributions()
+    # the CLI's training commands import the training half only when they run (tested elsewhere)
+    lazily_training = {"torch", "onnx", "sklearn", "tqdm", "matplotlib", "onnxscript"}
+    imported = _third_party_imports(["service", "convserve"]) - lazily_training
+    missing = {}
+    for module in sorted(imported):
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [module])}
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert not missing, f"imported by the serving half, not installed by the image: {missing}"
+
+
+def _yaml_documents(*parts):
+    with open(os.path.join(ROOT, *parts)) as handle:
+        return [doc for doc in yaml.safe_load_all(handle) if doc]
+
+
+def test_kubernetes_manifests_validate():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _yaml_documents("deploy", "kubernetes", "convserve.yaml")
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    deployment = docs[0]["spec"]["template"]
+    (container,) = deployment["spec"]["containers"]
+    build_parser().parse_args(container["args"])  # a real `convserve serve` command line
+    assert container["readinessProbe"]["grpc"]["port"] == 8001 and container["livenessProbe"]["grpc"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert deployment["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    assert container["volumeMounts"][0]["readOnly"] is True
+    assert docs[2]["spec"]["scaleTargetRef"]["name"] == docs[0]["metadata"]["name"]
+
+
+def test_kserve_serving_runtime_runs_convserve_for_onnx():
+    runtime, service = _yaml_documents("deploy", "kubernetes", "kserve-servingruntime.yaml")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1" and runtime["kind"] == "ServingRuntime"
+    assert {"name": "onnx", "version": "1", "autoSelect": False, "priority": 1} in runtime["spec"][
+        "supportedModelFormats"
+    ]
+    assert "grpc-v2" in runtime["spec"]["protocolVersions"]
+    (container,) = runtime["spec"]["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert args.repository == "/mnt/models" and args.grpc_port == container["ports"][0]["containerPort"]
+    assert service["kind"] == "InferenceService"
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["modelFormat"]["name"] == "onnx"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (.ci/run installs it from Debian)")
+    return path
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_docker_compose_config_validates(files):
+    command = [_tool("docker-compose"), *[arg for f in files for arg in ("-f", f)], "config", "-q"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]],
+)
+def test_promtool(args):
+    result = subprocess.run(
+        [_tool("promtool"), *args], cwd=os.path.join(ROOT, "deploy", "prometheus"), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nginx_accepts_the_load_balancer_configuration(tmp_path):
+    """Syntax, as nginx itself reads it (the e2e test runs it in front of real servers)."""
+    config = tmp_path / "nginx.conf"
+    config.write_text(render_nginx(["127.0.0.1:1", "127.0.0.1:2"], 0))
+    result = subprocess.run(
+        [_tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(config), "-g", f"pid {tmp_path}/nginx.pid;"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def render_nginx(upstreams, port: int) -> str:
+    """deploy/nginx/nginx.conf for loopback: the compose service name replaced by real addresses."""
+    with open(os.path.join(ROOT, "deploy", "nginx", "nginx.conf")) as handle:
+        text = handle.read()
+    assert "        server server:8001;\n" in text and "listen 8001 http2;" in text
+    servers = "".join(f"        server {address};\n" for address in upstreams)
+    text = text.replace("        server server:8001;\n", servers)
+    return text.replace("listen 8001 http2;", f"listen 127.0.0.1:{port or 18001} http2;")

@@ -127,3 +127,34 @@ def test_available_cpus_follows_the_cgroup_quota(tmp_path):
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
     assert available_cpus(str(v1)) == 1
+
+
+def test_gpu_metrics_come_from_nvml_where_there_is_a_gpu_and_nothing_elsewhere():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from convserve.service.gpu_metrics import NAMES, GpuCollector
+
+    class FakeNvml:  # what nvidia-ml-py answers on a machine with two GPUs
+        def nvmlDeviceGetCount(self):
+            return 2
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            return index
+
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            return SimpleNamespace(used=(handle + 1) * 2**30, total=80 * 2**30)
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return SimpleNamespace(gpu=40 + handle)
+
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(FakeNvml()))
+    assert registry.get_sample_value("convserve_gpu_memory_used_bytes", {"gpu": "1"}) == 2 * 2**30
+    assert registry.get_sample_value("convserve_gpu_memory_total_bytes", {"gpu": "0"}) == 80 * 2**30
+    assert registry.get_sample_value("convserve_gpu_utilization_ratio", {"gpu": "1"}) == 0.41
+    # this machine: no NVIDIA driver, so no GPU metric at all, and no error
+    text = generate_latest(Metrics().registry).decode()
+    assert not any(name in text for name in NAMES)
+    assert "convserve_queue_capacity" in text
