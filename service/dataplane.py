@@ -49,7 +49,8 @@ class DataPlane:
             read_input(request, self._shm.view(ref.region, ref.offset, ref.byte_size, f"input {request.input_name!r}"))
         inputs = await self._inputs(model, request)
         preprocessed = time.perf_counter_ns()
-        if request.timeout_us:
+        if request.timeout_us and self.registry.settings.allow_timeout_override:
+            # Triton's queue policy: a request's own `timeout` counts only where the model allows it
             timeout_deadline = time.monotonic() + request.timeout_us / 1e6
             deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
         assert model.batcher is not None

@@ -17,8 +17,9 @@ def top_k(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     out = np.empty(order.shape, dtype=object)
     for row in range(order.shape[0]):
         for col, index in enumerate(order[row]):
-            label = labels[index] if index < len(labels) else ""
-            out[row, col] = f"{scores[row, index]:f}:{index}:{label}".encode()
+            # Triton: "score:index:label", and "score:index" for a model without labels
+            label = f":{labels[index]}" if index < len(labels) else ""
+            out[row, col] = f"{scores[row, index]:f}:{index}{label}".encode()
     return out
 
 

@@ -85,7 +85,9 @@ class Server:
     async def _update_health(self) -> None:
         """Overall health: SERVING once the first scan is done; per model: SERVING while it serves."""
         serving = self.state is ServerState.READY
-        statuses = {"": _SERVING if serving else _NOT_SERVING}
+        overall = _SERVING if serving else _NOT_SERVING
+        # Triton answers for its own service name as for the whole server
+        statuses = {"": overall, "inference.GRPCInferenceService": overall}
         for name, _, _, _ in await self.registry.index():
             statuses[name] = _NOT_SERVING
         for name in self.registry.served_names():

@@ -267,30 +267,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Answers every request on the stream, in completion order; a bad one gets error_message.
+        """Answers every request on the stream in request order, as Triton does (tritonclient's
+        stream callback gives an error no request id: clients match answers to requests by
+        position); a bad request's answer carries error_message, Triton's plain message without a
+        status-code prefix. Requests still run concurrently and batch together; only the writing
+        waits for the earlier answers.
 
         At most `max_stream_in_flight` requests are in progress or answered-but-unwritten at once;
         past that the stream is not read until the client takes its answers: a client that sends and
         never reads gets back-pressure (HTTP/2 flow control), not server memory, and one stream holds
         at most that many places in a model's shared queue.
         """
-        results: asyncio.Queue = asyncio.Queue()
+        answers: asyncio.Queue = asyncio.Queue()  # tasks in request order; None ends the stream
         slots = asyncio.Semaphore(self.settings.max_stream_in_flight)
         pending: set[asyncio.Task] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             outcome = Outcome("ModelStreamInfer", request.model_name)
             try:
                 with self.recorder.observe(outcome):
                     response = await self._infer(request, outcome, deadline_of(context))
-                item = pb.ModelStreamInferResponse(infer_response=response)
+                return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:  # recorded (and, if a bug, logged) by observe
-                code, message = status_of(exc)
-                item = pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
+                _, message = status_of(exc)
+                return pb.ModelStreamInferResponse(
+                    error_message=message,
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 )
-            await results.put(item)
 
         async def read() -> None:
             try:
@@ -299,17 +302,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
+                    await answers.put(task)
             except Exception:  # an undecodable message or a broken stream: say so, end the stream
                 log.warning("ModelStreamInfer: reading the request stream failed", exc_info=True)
                 unreadable.set()
-            await asyncio.gather(*list(pending))
-            await results.put(None)
+            await answers.put(None)
 
         unreadable = asyncio.Event()
         reader = asyncio.create_task(read())
         try:
-            while (item := await results.get()) is not None:
-                yield item
+            while (task := await answers.get()) is not None:
+                yield await task
                 slots.release()
             if unreadable.is_set():  # the answers so far are sent; the stream ends with why
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a message on the stream could not be read")

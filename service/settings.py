@@ -53,6 +53,11 @@ class Settings:
     max_stream_in_flight: int = _opt(
         32, "requests of one ModelStreamInfer in progress or unread; past it the stream is not read until answers are"
     )
+    allow_timeout_override: int = _opt(
+        0,
+        "1: a request's `timeout` parameter (microseconds) bounds its time in the queue, as Triton's queue "
+        "policy allow_timeout_override; 0 (Triton's default): ignored, the gRPC deadline still applies",
+    )
     # batching
     max_batch_size: int = _opt(32, "most images per session run")
     max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")

@@ -89,6 +89,7 @@ def test_top_k_is_triton_shaped():
     assert out.shape == (2, 2)
     assert out[0].tolist() == [b"0.700000:1:dog", b"0.200000:2:eel"]
     assert out[1][0] == b"0.500000:0:cat"
+    assert top_k(scores, 1, [])[0].tolist() == [b"0.700000:1"]  # no labels: no trailing colon, as Triton
 
 
 def test_preprocess_resizes_converts_and_normalises():
