@@ -33,12 +33,13 @@ class VersionStats:
     fail_ns: int = 0
     queue_ns: int = 0
     preprocess_ns: int = 0
-    compute_ns: int = 0
     postprocess_ns: int = 0
     inference_count: int = 0  # images
     execution_count: int = 0  # batches
     last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute ns]
+    request_compute_ns: int = 0  # over successful requests, each its batch's run (Triton's compute_infer)
+    # batch size -> [executions, input ns, compute ns, output ns] (Triton's batch_stats)
+    batches: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Recorder:
             stats.success_ns += elapsed_ns
             stats.queue_ns += timings.queue_ns
             stats.preprocess_ns += timings.preprocess_ns
+            stats.request_compute_ns += timings.compute_ns
             stats.postprocess_ns += timings.postprocess_ns
         else:
             stats.fail_count += 1
@@ -142,10 +144,11 @@ class Recorder:
     def record_batch(self, model: str, stats: VersionStats, batch: BatchStats) -> None:
         stats.execution_count += 1
         stats.inference_count += batch.batch_size
-        stats.compute_ns += batch.compute_ns
-        entry = stats.batches.setdefault(batch.batch_size, [0, 0])
+        entry = stats.batches.setdefault(batch.batch_size, [0, 0, 0, 0])
         entry[0] += 1
-        entry[1] += batch.compute_ns
+        entry[1] += batch.input_ns
+        entry[2] += batch.compute_ns
+        entry[3] += batch.output_ns
         stats.last_inference_ms = int(time.time() * 1000)  # wall clock: ModelStatistics reports a timestamp
         self.metrics.batch_size.labels(model).observe(batch.batch_size)
         self.metrics.compute_duration.labels(model).observe(batch.compute_ns / 1e9)

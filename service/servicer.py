@@ -186,11 +186,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats.fail.count, stats.fail.ns = s.fail_count, s.fail_ns
             stats.queue.count, stats.queue.ns = s.success_count, s.queue_ns
             stats.compute_input.count, stats.compute_input.ns = s.success_count, s.preprocess_ns
-            stats.compute_infer.count, stats.compute_infer.ns = s.execution_count, s.compute_ns
+            # per request, as Triton counts them: each request carries its batch's run time
+            stats.compute_infer.count, stats.compute_infer.ns = s.success_count, s.request_compute_ns
             stats.compute_output.count, stats.compute_output.ns = s.success_count, s.postprocess_ns
-            for size, (count, ns) in sorted(s.batches.items()):
-                batch = entry.batch_stats.add(batch_size=size)
-                batch.compute_infer.count, batch.compute_infer.ns = count, ns
+            for size, (count, input_ns, infer_ns, output_ns) in sorted(s.batches.items()):
+                batch = entry.batch_stats.add(batch_size=size)  # per execution of that batch size
+                batch.compute_input.count, batch.compute_input.ns = count, input_ns
+                batch.compute_infer.count, batch.compute_infer.ns = count, infer_ns
+                batch.compute_output.count, batch.compute_output.ns = count, output_ns
         return response
 
     # ---- repository --------------------------------------------------------------------------

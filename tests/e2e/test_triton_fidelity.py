@@ -63,3 +63,40 @@ def test_health_answers_for_triton_service_name(server):
         health = health_pb2_grpc.HealthStub(channel)
         named = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5)
     assert named.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _statistics(client):
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    (entry,) = client.stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"), timeout=10).model_stats
+    return entry
+
+
+def test_statistics_count_requests_where_triton_does_and_carry_batch_stats(server):
+    """Triton counts compute_infer per request (48 concurrent requests: 48), convserve counted batch
+    runs (5); batch_stats carry compute_input/infer/output per executed batch size."""
+    with Client(server.url) as client:
+        before = _statistics(client)
+        futures = [client.stub.ModelInfer.future(build_request("digits", array=X), timeout=60) for _ in range(48)]
+        assert all(f.result().outputs for f in futures)
+        after = _statistics(client)
+    done = after.inference_stats.success.count - before.inference_stats.success.count
+    assert done == 48
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        delta = getattr(after.inference_stats, stage).count - getattr(before.inference_stats, stage).count
+        assert delta == 48, stage
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    executions = after.execution_count - before.execution_count
+    assert 1 <= executions <= 48 and after.inference_count - before.inference_count == 48
+
+    def by_size(entry):
+        return {b.batch_size: b for b in entry.batch_stats}
+
+    old, new = by_size(before), by_size(after)
+    images = runs = 0
+    for size, stats in new.items():
+        count = stats.compute_infer.count - (old[size].compute_infer.count if size in old else 0)
+        assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count
+        assert stats.compute_infer.ns > 0
+        images, runs = images + size * count, runs + count
+    assert images == 48 and runs == executions
