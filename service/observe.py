@@ -153,3 +153,37 @@ class Recorder:
         self.metrics.batch_size.labels(model).observe(batch.batch_size)
         self.metrics.compute_duration.labels(model).observe(batch.compute_ns / 1e9)
         self.metrics.images.labels(model).inc(batch.batch_size)
+
+
+# ---- log settings (Triton's logging extension), over Python's logging ---------------------------
+
+_LOGGER = "convserve"  # the server's loggers all sit under it
+
+
+def log_settings() -> dict[str, bool | int | str]:
+    """The server's log settings as Triton names them, read from the `convserve` logger's level."""
+    level = logging.getLogger(_LOGGER).getEffectiveLevel()
+    return {
+        "log_file": "",
+        "log_info": level <= logging.INFO,
+        "log_warning": level <= logging.WARNING,
+        "log_error": level <= logging.ERROR,
+        "log_verbose_level": 1 if level <= logging.DEBUG else 0,
+        "log_format": "default",
+    }
+
+
+def set_log_settings(**updates: bool | int) -> None:
+    """Apply Triton-named settings: the lowest level any of them turns on becomes the level."""
+    current = {**log_settings(), **updates}
+    if current["log_verbose_level"]:
+        level = logging.DEBUG
+    elif current["log_info"]:
+        level = logging.INFO
+    elif current["log_warning"]:
+        level = logging.WARNING
+    elif current["log_error"]:
+        level = logging.ERROR
+    else:
+        level = logging.CRITICAL + 1
+    logging.getLogger(_LOGGER).setLevel(level)

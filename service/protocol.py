@@ -121,7 +121,9 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input shape {list(shape)} has a negative dimension")
-    expected = {"image": ("BYTES", 1, "[N]"), "input": ("FP32", 4, "[N, C, H, W]")}
+    if tensor.name == "image" and len(shape) == 2 and shape[1] == 1:
+        shape = (shape[0],)  # [N, 1], as the config's dims [1] say, is the same batch as [N]
+    expected = {"image": ("BYTES", 1, "[N] or [N, 1]"), "input": ("FP32", 4, "[N, C, H, W]")}
     if tensor.name not in expected:
         raise InvalidInput(f"unknown input {tensor.name!r}; a served CNN takes 'input' (FP32) or 'image' (BYTES)")
     datatype, rank, form = expected[tensor.name]
@@ -155,11 +157,8 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
             if len(values) != count:
                 raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
             parsed.array = np.asarray(values, dtype=np.float32).reshape(shape)
-    seen = set()
+    # the same output may be asked for twice (plain and with classification), as Triton allows
     for out in request.outputs:
-        if out.name in seen:
-            raise InvalidInput(f"output {out.name!r} is requested twice")
-        seen.add(out.name)
         wanted = RequestedOutput(out.name, shm=_shm_ref(out.parameters, f"output {out.name!r}"))
         for key, param in out.parameters.items():
             value = _param_value(param)

@@ -20,9 +20,9 @@ import grpc
 
 from convserve import __version__
 
-from .dataplane import DataPlane
+from .dataplane import DEFAULT_OUTPUTS, DataPlane
 from .errors import InvalidInput, ServingError, ShuttingDown, Unimplemented, status_of
-from .observe import Outcome, Recorder
+from .observe import Outcome, Recorder, log_settings, set_log_settings
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
 from .proto import model_config_pb2 as mc
@@ -37,13 +37,22 @@ log = logging.getLogger(__name__)
 EXTENSIONS = [
     "classification",
     "model_repository",
-    "model_repository(unload_dependents)",
     "statistics",
     "model_configuration",
     "binary_tensor_data",
     "convserve_feature_maps",
     "system_shared_memory",
+    "logging",
 ]
+# Triton's trace settings as a server without tracing has them; only "tracing off" can be set.
+TRACE_SETTINGS = {
+    "trace_level": ["OFF"],
+    "trace_rate": ["1000"],
+    "trace_count": ["-1"],
+    "log_frequency": ["0"],
+    "trace_file": [""],
+    "trace_mode": ["triton"],
+}
 # CUDA shared memory needs cudaIpc handles opened on a GPU; it is not built until it can be tested there.
 _NO_CUDA_SHM = "CUDA shared memory is not supported by this server yet; use system shared memory"
 
@@ -128,7 +137,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         versions = [str(m.version) for m in self.registry.served_versions(model.name)]
         response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
         response.inputs.add(name="input", datatype="FP32", shape=[-1, *model.input_shape])
-        response.inputs.add(name="image", datatype="BYTES", shape=[-1])
+        # the config's dims with the batch dimension in front, as Triton reports them
+        response.inputs.add(name="image", datatype="BYTES", shape=[-1, 1])
         for output in model.card.outputs:
             response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         return response
@@ -144,10 +154,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             max_batch_size=self.settings.max_batch_size,
             default_model_filename="model.onnx",
         )
+        # two alternatives: a request carries exactly one of them, so each is optional
         config.input.add(
-            name="input", data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=list(model.input_shape)
+            name="input",
+            data_type=mc.TYPE_FP32,
+            format=mc.ModelInput.FORMAT_NCHW,
+            dims=list(model.input_shape),
+            optional=True,
         )
         config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1], optional=True)
+        policy = self.settings.version_policy
+        if policy == "all":
+            config.version_policy.all.SetInParent()
+        elif policy.startswith("specific:"):
+            config.version_policy.specific.versions.extend(self.settings.specific_versions())
+        else:
+            config.version_policy.latest.num_versions = 1
         for output in model.card.outputs:
             config.output.add(name=output.name, data_type=mc.TYPE_FP32, dims=output.shape[1:])
         config.dynamic_batching.max_queue_delay_microseconds = int(self.settings.max_queue_delay_ms * 1000)
@@ -160,6 +182,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         config.parameters["execution_provider"].string_value = model.execution_provider
         config.parameters["providers"].string_value = ",".join(model.providers)
         config.parameters["max_queue_size"].string_value = str(self.settings.max_queue_size)
+        # what a request that names no outputs gets (Triton would send every output: feature maps are
+        # megabytes, so convserve sends them only when asked for by name)
+        config.parameters["default_outputs"].string_value = ",".join(DEFAULT_OUTPUTS)
         return pb.ModelConfigResponse(config=config)
 
     @rpc
@@ -209,6 +234,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryModelLoad(self, request, context, outcome):
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if overrides:  # Triton would apply them; convserve cannot, and says so rather than ignore them
+            raise Unimplemented(
+                f"RepositoryModelLoad with {', '.join(overrides)} is not supported: convserve loads the model "
+                "folder as exported, and its settings are `convserve serve` flags"
+            )
         await self.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -216,6 +247,55 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context, outcome):
         await self.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # ---- logging and tracing (Triton's extensions) ---------------------------------------------
+
+    @rpc
+    async def LogSettings(self, request, context, outcome):
+        """Read, and set, what the server logs: Triton's keys, applied to convserve's loggers."""
+        updates: dict[str, bool | int] = {}
+        expected = {"log_info": "bool_param", "log_warning": "bool_param", "log_error": "bool_param"}
+        expected["log_verbose_level"] = "uint32_param"
+        for key, value in request.settings.items():
+            choice = value.WhichOneof("parameter_choice") or ""
+            given = getattr(value, choice) if choice else ""
+            if key in expected and expected[key] == choice:
+                updates[key] = getattr(value, choice)
+            elif key == "log_file" and choice == "string_param":
+                if given:
+                    raise Unimplemented("log_file: convserve logs to stderr; redirect it (or let the container log it)")
+            elif key == "log_format" and choice == "string_param":
+                if given != "default":
+                    raise Unimplemented(f"log_format {given[:32]!r}: only 'default' is implemented")
+            else:
+                raise InvalidInput(
+                    f"unknown log setting {key[:64]!r}, or a value of the wrong type ({choice or 'none'})"
+                )
+        if updates:
+            set_log_settings(**updates)
+        response = pb.LogSettingsResponse()
+        for key, current in log_settings().items():
+            if isinstance(current, bool):
+                response.settings[key].bool_param = current
+            elif isinstance(current, int):
+                response.settings[key].uint32_param = current
+            else:
+                response.settings[key].string_param = current
+        return response
+
+    @rpc
+    async def TraceSetting(self, request, context, outcome):
+        if request.model_name:
+            self.registry.resolve(request.model_name)  # an unknown model is NOT_FOUND, as in Triton
+        for key, value in request.settings.items():
+            if key not in TRACE_SETTINGS:
+                raise InvalidInput(f"unknown trace setting {key[:64]!r}")
+            if list(value.value) not in ([], TRACE_SETTINGS[key]):
+                raise Unimplemented("tracing is not implemented: trace settings can be read, and set only to off")
+        response = pb.TraceSettingResponse()
+        for key, values in TRACE_SETTINGS.items():
+            response.settings[key].value.extend(values)
+        return response
 
     # ---- shared memory -------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Where a Triton client can tell convserve from Triton, convserve behaves as Triton (issue 12):
 each test is one difference seen side by side with tritonserver 2.51, as convserve's own behaviour."""
 
+import os
 import queue
 
 import grpc
@@ -13,6 +14,7 @@ from convserve.service.client import Client, build_request
 from .conftest import RunningServer
 
 X = np.zeros((1, 1, 32, 32), np.float32)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _input(good: bool):
@@ -100,3 +102,58 @@ def test_statistics_count_requests_where_triton_does_and_carry_batch_stats(serve
         assert stats.compute_infer.ns > 0
         images, runs = images + size * count, runs + count
     assert images == 48 and runs == executions
+
+
+def test_log_and_trace_settings_as_triton_names_them(server):
+    client = triton.InferenceServerClient(server.url)
+    settings = client.get_log_settings(as_json=True)["settings"]
+    assert settings["log_info"]["bool_param"] is True and settings["log_format"]["string_param"] == "default"
+    updated = client.update_log_settings({"log_verbose_level": 1}, as_json=True)["settings"]
+    assert updated["log_verbose_level"]["uint32_param"] == 1
+    restored = client.update_log_settings({"log_verbose_level": 0, "log_info": True}, as_json=True)["settings"]
+    assert restored.get("log_verbose_level", {}).get("uint32_param", 0) == 0
+    for bad, code in (({"log_colour": True}, "INVALID_ARGUMENT"), ({"log_file": "/tmp/x.log"}, "UNIMPLEMENTED")):
+        try:
+            client.update_log_settings(bad)
+            raise AssertionError(f"{bad} was accepted")
+        except triton.InferenceServerException as exc:
+            assert exc.status() == f"StatusCode.{code}", exc
+    trace = client.get_trace_settings(as_json=True)["settings"]
+    assert trace["trace_level"]["value"] == ["OFF"]
+    try:
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+        raise AssertionError("tracing was turned on")
+    except triton.InferenceServerException as exc:
+        assert exc.status() == "StatusCode.UNIMPLEMENTED"
+    extensions = client.get_server_metadata(as_json=True)["extensions"]
+    assert "logging" in extensions and "trace" not in extensions
+    assert not any("unload_dependents" in e for e in extensions)
+
+
+def test_metadata_and_config_describe_what_requests_may_carry(server, own_repository):
+    client = triton.InferenceServerClient(server.url)
+    metadata = client.get_model_metadata("digits", as_json=True)
+    config = client.get_model_config("digits", as_json=True)["config"]
+    inputs = {i["name"]: i for i in config["input"]}
+    assert all(i.get("optional") for i in inputs.values())  # alternatives: a request carries one
+    for entry in metadata["inputs"]:  # metadata = [-1] + config dims, as Triton reports them
+        assert [int(d) for d in entry["shape"]] == [-1, *[int(d) for d in inputs[entry["name"]]["dims"]]]
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert config["parameters"]["default_outputs"]["string_value"] == "logits,probabilities"
+    # an image as [N, 1], the config's shape, is accepted as well as [N]
+    image = triton.InferInput("image", [1, 1], "BYTES")
+    with open(os.path.join(ROOT, "examples", "digits", "2-test2.png"), "rb") as handle:
+        image.set_data_from_numpy(np.array([[handle.read()]], dtype=object))
+    # the same output twice: plain and as classification, as Triton allows
+    outputs = [
+        triton.InferRequestedOutput("probabilities"),
+        triton.InferRequestedOutput("probabilities", class_count=1),
+    ]
+    result = client.infer("digits", [image], outputs=outputs).get_response()
+    assert [(o.name, o.datatype) for o in result.outputs] == [("probabilities", "FP32"), ("probabilities", "BYTES")]
+    # a config override at load time is refused, not ignored
+    try:
+        client.load_model("digits", config='{"max_batch_size": 4}')
+        raise AssertionError("a config override was accepted")
+    except triton.InferenceServerException as exc:
+        assert exc.status() == "StatusCode.UNIMPLEMENTED" and "config" in exc.message()
