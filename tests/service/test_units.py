@@ -44,11 +44,6 @@ def test_parse_request_reads_raw_contents_without_copying():
     ]
 
 
-def _request_output_twice(request):
-    request.outputs.add(name="a")
-    request.outputs.add(name="a")
-
-
 def _timeout_as_text(request):
     request.parameters["timeout"].string_param = "soon"
 
@@ -60,7 +55,6 @@ def _timeout_as_text(request):
         (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
         (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
         (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
-        (_request_output_twice, "twice"),
         (_timeout_as_text, "timeout"),
         (lambda r: setattr(r, "model_name", ""), "model_name"),
     ],
