@@ -55,6 +55,7 @@ class DataPlane:
             deadline = timeout_deadline if deadline is None else min(deadline, timeout_deadline)
         assert model.batcher is not None
         future = model.batcher.submit(Job(inputs, frozenset(o.name for o in requested), deadline))
+        outcome.queued = True
         try:
             batch: BatchResult = await future
         except asyncio.CancelledError:

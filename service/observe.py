@@ -78,6 +78,7 @@ class Outcome:
     timings: Optional[Timings] = None  # an inference's stages, once it has run
     feature_map_bytes: int = 0
     limit: str = ""  # the limit that refused it, if one did
+    queued: bool = False  # it reached its model's queue (Triton counts failures from there on)
 
 
 class Recorder:
@@ -137,8 +138,8 @@ class Recorder:
             stats.preprocess_ns += timings.preprocess_ns
             stats.request_compute_ns += timings.compute_ns
             stats.postprocess_ns += timings.postprocess_ns
-        else:
-            stats.fail_count += 1
+        elif outcome.queued:  # a request refused before the queue (bad shape, bad image) is not
+            stats.fail_count += 1  # the model's failure: Triton does not count it either
             stats.fail_ns += elapsed_ns
 
     def record_batch(self, model: str, stats: VersionStats, batch: BatchStats) -> None:

@@ -310,7 +310,9 @@ class Registry:
             if name not in self._served and not await self._in_thread(
                 versions_on_disk, os.path.join(self.repository, name)
             ):
-                raise ModelNotFound(f"unknown model {name!r}")
+                # Triton 2.51 answers OK to unloading a model it does not know: nothing to unload
+                log.info("unload of %r, which is not in the repository: nothing to do", name[:128])
+                return
             self._unloaded.add(name)
             await self._retire(name, list(self._served.get(name, {})))
         await self._changed()

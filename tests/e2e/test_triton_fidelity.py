@@ -157,3 +157,20 @@ def test_metadata_and_config_describe_what_requests_may_carry(server, own_reposi
         raise AssertionError("a config override was accepted")
     except triton.InferenceServerException as exc:
         assert exc.status() == "StatusCode.UNIMPLEMENTED" and "config" in exc.message()
+
+
+def test_failures_count_where_triton_counts_them_and_unloading_the_unknown_is_ok(server):
+    """Side by side with tritonserver 2.51: a bad-shape request leaves fail.count unchanged (it never
+    reached the model), and RepositoryModelUnload of a model nobody has answers OK."""
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    with Client(server.url) as client:
+        before = _statistics(client).inference_stats.fail.count
+        try:
+            client.infer("digits", array=np.zeros((1, 3, 32, 32), np.float32))
+            raise AssertionError("a wrong shape was accepted")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _statistics(client).inference_stats.fail.count == before
+        client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="no_such_model"), timeout=10)
+        assert client.infer("digits", array=X).outputs  # and nothing else changed

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from convserve.cpus import available_cpus
-from convserve.service.errors import INTERNAL_MESSAGE, InvalidInput
+from convserve.service.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidInput
 from convserve.service.metrics import Metrics
 from convserve.service.observe import Outcome, Recorder, Timings, VersionStats
 from convserve.service.proto import grpc_service_pb2 as pb
@@ -37,11 +37,15 @@ def test_one_outcome_feeds_metrics_and_statistics_alike():
     )
     recorder.record(ok)
     with pytest.raises(InvalidInput), recorder.observe(Outcome("ModelInfer", "digits", "1", stats=stats)):
-        raise InvalidInput("bad shape")
+        raise InvalidInput("bad shape")  # refused before the queue: not the model's failure (as Triton)
+    with pytest.raises(DeadlineExceeded), recorder.observe(Outcome("ModelInfer", "digits", "1", stats=stats)) as late:
+        late.queued = True
+        raise DeadlineExceeded("deadline passed while the request was queued")
     recorder.record(Outcome("ModelInfer", "no_such_model", code=grpc.StatusCode.NOT_FOUND))
     text = _text(metrics)
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits",version="1"} 1.0' in text
     assert 'code="INVALID_ARGUMENT",method="ModelInfer",model="digits",version="1"} 1.0' in text
+    assert 'code="DEADLINE_EXCEEDED",method="ModelInfer",model="digits",version="1"} 1.0' in text
     assert 'model="unknown"' in text and "no_such_model" not in text
     assert 'convserve_feature_map_bytes_total{model="digits"} 4096.0' in text
     assert 'convserve_queue_duration_seconds_count{model="digits"} 1.0' in text
