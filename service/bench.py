@@ -40,7 +40,7 @@ import numpy as np
 
 from convserve.contract import MODEL_FILE, ModelCard, normalize, version_dir, versions
 
-from .client import build_request, wait_until_ready
+from .client import build_request, channel_options, wait_until_ready
 from .proto import grpc_service_pb2 as pb
 from .proto import grpc_service_pb2_grpc as pb_grpc
 from .protocol import ShmRef
@@ -107,7 +107,7 @@ async def _over_grpc(url: str, requests: Sequence[pb.ModelInferRequest], seconds
     """One caller per request (each sends its own request again and again) until time is up."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
-    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+    options = channel_options(1 << 30)
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await asyncio.gather(*(stub.ModelInfer(r) for r in requests))  # warm, and check each works

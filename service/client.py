@@ -114,14 +114,19 @@ class Tls:
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options of a client channel: the same message limit both ways."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
 def open_channel(
     url: str, token: str = "", max_message_bytes: int = 256 * 1024 * 1024, tls: Optional[Tls] = None
 ) -> grpc.Channel:
     """A channel to `url` (TLS when `tls` is given), sending the bearer token when one is given."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
+    options = channel_options(max_message_bytes)
     if tls is not None:
         channel = grpc.secure_channel(url, tls.credentials(), options=options)
     else:
@@ -318,10 +323,7 @@ class AsyncClient:
         tls: Optional[Tls] = None,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        options = channel_options(max_message_bytes)
         if tls is not None:
             self.channel = grpc.aio.secure_channel(url, tls.credentials(), options=options)
         else:

@@ -44,6 +44,13 @@ EXTENSIONS = [
     "system_shared_memory",
     "logging",
 ]
+# The log settings that can be set, with the value type each takes (Triton's names)
+LOG_SETTING_TYPES = {
+    "log_info": "bool_param",
+    "log_warning": "bool_param",
+    "log_error": "bool_param",
+    "log_verbose_level": "uint32_param",
+}
 # Triton's trace settings as a server without tracing has them; only "tracing off" can be set.
 TRACE_SETTINGS = {
     "trace_level": ["OFF"],
@@ -254,12 +261,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def LogSettings(self, request, context, outcome):
         """Read, and set, what the server logs: Triton's keys, applied to convserve's loggers."""
         updates: dict[str, bool | int] = {}
-        expected = {"log_info": "bool_param", "log_warning": "bool_param", "log_error": "bool_param"}
-        expected["log_verbose_level"] = "uint32_param"
         for key, value in request.settings.items():
             choice = value.WhichOneof("parameter_choice") or ""
             given = getattr(value, choice) if choice else ""
-            if key in expected and expected[key] == choice:
+            if LOG_SETTING_TYPES.get(key) == choice:
                 updates[key] = getattr(value, choice)
             elif key == "log_file" and choice == "string_param":
                 if given:

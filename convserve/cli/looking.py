@@ -121,13 +121,15 @@ class _Names:
         return stem
 
 
-def _seen_by_server(path: str, spec):
+def _seen_by_server(data: bytes, spec):
     """The image as the model sees it: decoded, upright, resized and converted as the server does."""
+    import io
+
     from PIL import Image
 
     from convserve.contract import resize_image
 
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
         return resize_image(image, spec)  # uint8 (H, W, C)
 
 
@@ -180,11 +182,15 @@ def _infer(args: argparse.Namespace) -> int:
         progress = Progress(len(files)) if len(files) > batch_size else None
         try:
             for batch in _batches(files, batch_size):
+                encoded = []  # each file read once: sent, and decoded here for the input picture
+                for path in batch:
+                    with open(path, "rb") as handle:
+                        encoded.append(handle.read())
                 with rpc_errors():
                     results = client.classify(
-                        batch, args.model, top_k=args.top_k, feature_maps=names, fp16=args.fp16, timeout=120
+                        encoded, args.model, top_k=args.top_k, feature_maps=names, fp16=args.fp16, timeout=120
                     )
-                for path, result in zip(batch, results):
+                for path, data, result in zip(batch, encoded, results):
                     saved = {}
                     if args.save_dir:
                         stem = stems.stem(path)
@@ -192,7 +198,7 @@ def _infer(args: argparse.Namespace) -> int:
                             target = os.path.join(args.save_dir, f"{stem}_{name}_{_shape_text(fmap.shape)}.png")
                             save_png(grid(fmap)[0], target)
                             saved[name] = target
-                        seen = _seen_by_server(path, spec)
+                        seen = _seen_by_server(data, spec)
                         c_h_w = (seen.shape[2], seen.shape[0], seen.shape[1])
                         saved["input"] = os.path.join(args.save_dir, f"{stem}_input_{_shape_text(c_h_w)}.png")
                         save_png(enlarge(seen), saved["input"])
