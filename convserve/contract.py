@@ -28,6 +28,8 @@ CARD_FILE = "model.json"
 FILTERS_FILE = "filters.npz"
 INPUT_NAME = "input"  # the graph's one input: an already normalised FP32 batch
 PLATFORM = "onnxruntime_onnx"
+IMAGE_INPUT_NAME = "image"  # the server's second input: encoded PNG/JPEG, decoded as `preprocess` says
+DEFAULT_OUTPUTS = ("logits", "probabilities")  # what a request that names no outputs gets back
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")  # ASCII only: str.isdigit() accepts '²' and '١'

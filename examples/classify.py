@@ -9,7 +9,7 @@ import asyncio
 import glob
 import os
 
-from convserve.service.client import AsyncClient, Client
+from convserve.client import AsyncClient, Client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

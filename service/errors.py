@@ -53,6 +53,20 @@ class ShuttingDown(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class EngineUnavailable(ServingError):
+    """The engine process is down (it is being restarted): answered at once, never waited on."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Remote(ServingError):
+    """An error the engine answered with: its status code, message and limit, as the engine gave them."""
+
+    def __init__(self, code: str, message: str, limit: str = "") -> None:
+        super().__init__(message, limit=limit)
+        self.code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+
+
 class FailedPrecondition(ServingError):
     """The request is well formed, but what it asks for does not exist in this state (a version
     exported without the file it needs)."""

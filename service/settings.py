@@ -80,7 +80,14 @@ class Settings:
         " on an H200, same in-process speed), EXHAUSTIVE, DEFAULT",
     )
     gpu_mem_limit_bytes: int = _opt(0, "CUDA arena limit in bytes (0: none)")
-    workers: int = _opt(1, "server processes sharing the gRPC port (SO_REUSEPORT); metrics aggregated across them")
+    frontends: str = _opt(
+        "auto",
+        "front-end processes sharing the gRPC port (SO_REUSEPORT), all fed by one engine; "
+        "auto: half the CPUs this process may use, 1 to 16",
+    )
+    arena_mib: int = _opt(
+        256, "each front-end's shared memory for tensors in flight to and from the engine, MiB (taken as written)"
+    )
     # lifecycle
     grace_period: float = _opt(30.0, "seconds to finish in-flight requests on SIGTERM")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
@@ -100,8 +107,10 @@ class Settings:
             raise ValueError("--metrics-require-token needs an auth token (CONVSERVE_AUTH_TOKEN)")
         if self.max_streams_per_connection < 1 or self.max_stream_in_flight < 1:
             raise ValueError("max_streams_per_connection and max_stream_in_flight must be at least 1")
-        if self.workers < 1:
-            raise ValueError("workers must be at least 1")
+        if self.frontends != "auto" and not (self.frontends.isdigit() and 1 <= int(self.frontends) <= 64):
+            raise ValueError(f"frontends must be auto or 1 to 64, not {self.frontends!r}")
+        if self.arena_mib < 1:
+            raise ValueError("arena_mib must be at least 1")
         if self.instances is not None and self.instances < 1:
             raise ValueError("instances must be at least 1")
         policy = self.version_policy
@@ -118,6 +127,12 @@ class Settings:
             if name not in ("auto", "tensorrt", "cuda", "cpu"):
                 raise ValueError(f"unknown provider {name!r}; use tensorrt, cuda, cpu or auto")
         return self
+
+    def frontend_count(self) -> int:
+        """--frontends as a number: `auto` is half the CPUs this process may use, at least 1, at most 16."""
+        if self.frontends == "auto":
+            return max(1, min(16, available_cpus() // 2))
+        return int(self.frontends)
 
     def image_format_list(self) -> tuple[str, ...]:
         return tuple(f.strip().upper() for f in self.image_formats.split(",") if f.strip())

@@ -96,7 +96,7 @@ def test_the_halves_meet_only_at_the_contract():
     for leaf in ("convserve.contract", "convserve.cpus", "convserve.cli.base", "convserve"):
         assert not edges[leaf], f"{leaf} imports {edges[leaf]}"
     # both halves do use the contract
-    assert reaches("convserve.service.registry", "convserve.contract")
+    assert reaches("convserve.service.engine.registry", "convserve.contract")
     assert reaches("convserve.models.export", "convserve.contract")
 
 

@@ -10,7 +10,7 @@ from .base import UsageError
 
 def client_tls(args: argparse.Namespace):
     """The client's TLS from --tls/--tls-ca/--tls-cert/--tls-key; None for a plain connection."""
-    from convserve.service.client import Tls
+    from convserve.client import Tls
 
     if not (args.tls or args.tls_ca or args.tls_cert):
         return None
@@ -23,7 +23,7 @@ def connect(args: argparse.Namespace):
     """A Client for --url that has answered once; a server that cannot be reached is one clear line."""
     import grpc
 
-    from convserve.service.client import Client
+    from convserve.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
 
     client = Client(args.url, token=args.token, tls=client_tls(args))

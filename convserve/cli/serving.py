@@ -20,11 +20,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
-    from convserve.service.server import serve
     from convserve.service.settings import from_sources
+    from convserve.service.supervisor import serve
 
     try:
         settings = from_sources(args)
@@ -33,22 +32,17 @@ def _serve(args: argparse.Namespace) -> int:
     if os.path.exists(settings.repository) and not os.path.isdir(settings.repository):
         raise UsageError(f"repository {settings.repository!r} is a file, not a folder")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.workers > 1:
-        from convserve.service.workers import run_workers
-
-        return run_workers(settings)
     try:
-        asyncio.run(serve(settings))
+        return serve(settings)
     except OSError as exc:
         raise UsageError(str(exc)) from None
-    return 0
 
 
 # ---- models and describe (read a running server) -------------------------------------------------
 
 
 def _models(args: argparse.Namespace) -> int:
-    from convserve.service.client import Client
+    from convserve.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
 
     with Client(args.url, token=args.token, tls=client_tls(args)) as client, rpc_errors():
@@ -65,7 +59,7 @@ def _describe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from convserve.service.client import open_channel
+    from convserve.client import open_channel
     from convserve.service.proto import introspection_pb2 as ipb
     from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
 
@@ -122,7 +116,7 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from convserve.service.bench import CASES
+    from convserve.bench import CASES
 
     p.add_argument("--repository", required=True)
     p.add_argument("--model", required=True)
@@ -137,8 +131,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import sys
 
+    from convserve.bench import CASES, format_report, run
     from convserve.contract import versions
-    from convserve.service.bench import CASES, format_report, run
 
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, repository, *extra, env=None, wait=True, tls=None):
-        self.tls = tls  # a convserve.service.client.Tls for waiting on a TLS server
+        self.tls = tls  # a convserve.client.Tls for waiting on a TLS server
         self.repository = str(repository)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -52,7 +52,7 @@ class RunningServer:
             self.wait_ready()
 
     def wait_ready(self, timeout=60):
-        from convserve.service.client import wait_until_ready
+        from convserve.client import wait_until_ready
 
         try:
             wait_until_ready(self.url, self.process, timeout, tls=self.tls)

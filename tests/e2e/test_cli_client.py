@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convserve.client import AsyncClient, Client
 from convserve.pictures import BORDER_VALUE, layout
-from convserve.service.client import AsyncClient, Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples", "digits")

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convserve.service.client import Client, build_request
+from convserve.client import Client, build_request
 from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
 

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from convserve.client import Client, build_request
 from convserve.models.export import export_checkpoint
-from convserve.service.client import Client, build_request
-from convserve.service.postprocess import serialize_bytes
+from convserve.service.frontend.postprocess import serialize_bytes
 from convserve.service.proto import grpc_service_pb2 as pb
 
 from .conftest import RunningServer, repository_index

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
+from convserve.client import Client, build_request
 from convserve.models.export import export_checkpoint
-from convserve.service.client import Client, build_request
 from convserve.service.proto import grpc_service_pb2 as pb
 
 from .conftest import RunningServer, repository_index

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convserve.service.client import Client
+from convserve.client import Client
 from convserve.service.gpu_metrics import NAMES as GPU_NAMES
 from convserve.service.proto import grpc_service_pb2 as pb
 

@@ -15,8 +15,8 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from convserve.client import Client, build_request
 from convserve.models.data import digits_as_uint8, seeded_split
-from convserve.service.client import Client, build_request
 from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.proto import introspection_pb2 as ipb
 from convserve.service.proto import introspection_pb2_grpc as ipb_grpc

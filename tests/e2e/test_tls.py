@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convserve.service.client import Client, Tls
+from convserve.client import Client, Tls
 
 from .conftest import RunningServer
 

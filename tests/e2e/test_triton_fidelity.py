@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convserve.service.client import Client, build_request
+from convserve.client import Client, build_request
 
 from .conftest import RunningServer
 

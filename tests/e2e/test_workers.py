@@ -5,7 +5,7 @@ import urllib.request
 import grpc
 import numpy as np
 
-from convserve.service.client import build_request
+from convserve.client import build_request
 from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
 

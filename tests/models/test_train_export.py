@@ -20,7 +20,7 @@ from convserve.models.export import ExportError, check_parity, export_checkpoint
 from convserve.models.repository import write_version
 from convserve.models.train import lr_factor, train
 from convserve.models.zoo import get_model
-from convserve.service.preprocess import preprocess_encoded
+from convserve.service.frontend.preprocess import preprocess_encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from convserve.service.batcher import Batcher, Job
+from convserve.service.engine.batcher import Batcher, Job
 from convserve.service.errors import DeadlineExceeded, InvalidInput, QueueFull
 
 

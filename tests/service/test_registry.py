@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from convserve.models.export import export_checkpoint
-from convserve.service.dataplane import DataPlane
+from convserve.service.engine.registry import ModelState, Registry
+from convserve.service.engine.shm import SystemSharedMemory
+from convserve.service.frontend.dataplane import DataPlane
+from convserve.service.frontend.observe import Outcome, Recorder
+from convserve.service.frontend.protocol import InferRequest
 from convserve.service.metrics import Metrics
-from convserve.service.observe import Outcome, Recorder
-from convserve.service.protocol import InferRequest
-from convserve.service.registry import ModelState, Registry
 from convserve.service.settings import Settings
-from convserve.service.shm import SystemSharedMemory
 
 
 def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_path):
@@ -59,7 +59,7 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
 
 
 def test_intra_op_spinning_is_off_on_the_cpu_unless_asked_for(trained):
-    from convserve.service.runtime import ModelRuntime
+    from convserve.service.engine.runtime import ModelRuntime
 
     path = os.path.join(trained[1], "model.onnx")
 

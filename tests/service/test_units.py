@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 
 from convserve.cli.base import add_flags
+from convserve.client import build_request
 from convserve.contract import PreprocessSpec
 from convserve.service import settings as settings_module
-from convserve.service.client import build_request
 from convserve.service.errors import InvalidInput
-from convserve.service.postprocess import deserialize_bytes, serialize_bytes, top_k
-from convserve.service.preprocess import ImageDecodeError, decode_image, preprocess_encoded
-from convserve.service.protocol import parse_infer_request
+from convserve.service.frontend.postprocess import deserialize_bytes, serialize_bytes, top_k
+from convserve.service.frontend.preprocess import ImageDecodeError, decode_image, preprocess_encoded
+from convserve.service.frontend.protocol import parse_infer_request
 
 
 def test_settings_flags_over_environment_over_defaults():
@@ -143,7 +143,7 @@ def _card(c, h, w, outputs):
 
 
 def test_limits_are_derived_from_the_model_unless_set():
-    from convserve.service.limits import image_limits, message_limits, needed
+    from convserve.service.frontend.limits import image_limits, message_limits, needed
 
     digits = _card(1, 8, 8, {"logits": (10,), "probabilities": (10,), "conv1": (16, 8, 8)})
     alexnet = _card(3, 224, 224, {"logits": (1000,), "probabilities": (1000,), "conv1": (64, 55, 55)})

@@ -24,20 +24,17 @@ from convserve.contract import (
     ContractError,
     ModelCard,
     ignored_entries,
-    is_valid_name,
     model_names,
-    parse_version,
 )
 from convserve.contract import versions as versions_on_disk
 
+from ..errors import LoadFailed, ModelNotFound, ModelNotReady
+from ..metrics import Metrics
+from ..rules import check_model_name
+from ..settings import Settings
 from .batcher import Batcher, BatchStats
-from .errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
-from .limits import MessageLimits, image_limits, needed
-from .metrics import Metrics
-from .observe import Recorder, VersionStats
-from .preprocess import ImageLimits, blank_png, preprocess_encoded
 from .runtime import ModelRuntime
-from .settings import Settings
+from .stats import BatchRecorder, VersionStats
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +46,6 @@ class ModelState(str, enum.Enum):
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-def check_model_name(name: str) -> str:
-    """Refuse names that could reach outside the repository ('..', separators, absolute paths)."""
-    if not is_valid_name(name):
-        raise InvalidInput(f"invalid model name {name[:128]!r}")
-    return name
-
-
-def parse_requested_version(version: str) -> Optional[int]:
-    """'' -> None (the served default); '3' -> 3; anything else is refused."""
-    if not version:
-        return None
-    parsed = parse_version(version)
-    if parsed is None:
-        raise InvalidInput(f"invalid model version {version[:32]!r}: a positive integer, or empty for the default")
-    return parsed
 
 
 class ModelVersion:
@@ -80,19 +60,25 @@ class ModelVersion:
         self.execution_provider = runtime.execution_provider
         self.providers = list(runtime.providers)
         self.instances = runtime.instances
-        self.spec = card.preprocess
         self.input_shape = card.preprocess.input_shape
         self.outputs = {o.name: o for o in card.outputs}
-        self.feature_maps = set(card.feature_map_names)
         self.stats = VersionStats()
-        self.image_limits = ImageLimits()  # validate_version sets this model's own
         self.folder = ""  # the version folder it was loaded from
         self.batcher: Optional[Batcher] = None
         self.state = ModelState.READY
 
-    @property
-    def labels(self) -> list[str]:
-        return self.card.labels
+    def describe(self) -> dict:
+        """What a front-end needs to know of it (ipc "models" table): plain data."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.state.value,
+            "card": self.card,
+            "folder": self.folder,
+            "execution_provider": self.execution_provider,
+            "providers": self.providers,
+            "instances": self.instances,
+        }
 
     def start(self, settings: Settings, on_batch: Callable[[BatchStats], None]) -> None:
         assert self.runtime is not None
@@ -131,15 +117,12 @@ def validate_version(path: str, name: str, version: int, settings: Settings) -> 
         runtime = ModelRuntime(os.path.join(path, MODEL_FILE), settings)
         try:
             model = ModelVersion(name, version, card, runtime)
-            model.image_limits = image_limits(card, settings)
             model.folder = path
             missing = set(model.outputs) - set(runtime.output_names)
             if missing:
                 raise LoadFailed(f"model.onnx lacks outputs {sorted(missing)} that model.json names")
             seconds = runtime.warm_up(model.input_shape)
             log.info("model %s version %s warmed up in %.2f s", name, version, seconds)
-            # decode one image too: checks the preprocessing spec and loads PIL's codecs before a client waits
-            preprocess_encoded([blank_png(model.spec)], model.spec)
         except BaseException:
             runtime.close()
             raise
@@ -163,13 +146,11 @@ class Registry:
         self,
         settings: Settings,
         metrics: Metrics,
-        recorder: Recorder,
         on_change: Optional[Callable[[], Awaitable[None]]] = None,
     ) -> None:
         self.settings = settings
         self.repository = os.path.abspath(settings.repository)
         self._metrics = metrics
-        self._recorder = recorder
         self._served: dict[str, dict[int, ModelVersion]] = {}
         # (name, version) -> (reason, fingerprint of its files when it failed)
         self._failed: dict[tuple[str, int], tuple[str, tuple]] = {}
@@ -179,32 +160,25 @@ class Registry:
         self.load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self._lock = asyncio.Lock()
         self._on_change = on_change
-        # the server's gRPC message limits, fixed when it starts (None until then)
-        self.message_limits: Optional[MessageLimits] = None
         metrics.read_queue_depth_from(self.queue_depths)
 
     # ---- lookups -----------------------------------------------------------------------------
 
-    def resolve(self, name: str, version: str = "") -> ModelVersion:
-        """The version to serve a request for name/version; raises ModelNotFound / ModelNotReady."""
-        check_model_name(name)
-        wanted = parse_requested_version(version)
-        versions = self._served.get(name)
-        if not versions:
-            if any(key[0] == name for key in self._failed) or any(key[0] == name for key in self._loading):
-                raise ModelNotReady(f"model {name!r} is not ready")
-            raise ModelNotFound(f"unknown model {name!r}")
-        if wanted is None:
-            ready = [m for m in versions.values() if m.state is ModelState.READY]
-            if not ready:
-                raise ModelNotReady(f"model {name!r} has no ready version")
-            return max(ready, key=lambda m: m.version)
-        model = versions.get(wanted)
+    def get(self, name: str, version: int) -> ModelVersion:
+        """The served version a front-end resolved (it may have been retired since)."""
+        model = self._served.get(name, {}).get(version)
         if model is None:
-            raise ModelNotFound(f"model {name!r} has no served version {wanted}")
+            raise ModelNotFound(f"model {name!r} has no served version {version}")
         if model.state is not ModelState.READY:
-            raise ModelNotReady(f"model {name!r} version {wanted} is {model.state.value.lower()}")
+            raise ModelNotReady(f"model {name!r} version {version} is {model.state.value.lower()}")
         return model
+
+    def pending_names(self) -> list[str]:
+        """Names with a version loading or refused: requests for them are UNAVAILABLE, not NOT_FOUND."""
+        return sorted({name for name, _ in self._failed} | {name for name, _ in self._loading})
+
+    def served(self, name: str, version: int) -> Optional[ModelVersion]:
+        return self._served.get(name, {}).get(version)
 
     def is_served(self, name: str) -> bool:
         return name in self._served
@@ -373,23 +347,9 @@ class Registry:
         finally:
             self._loading.discard(key)
         self._failed.pop(key, None)
-        stats, record_batch = model.stats, self._recorder.record_batch
-        model.start(self.settings, lambda batch: record_batch(name, stats, batch))
+        model.start(self.settings, BatchRecorder(self._metrics, name, model.stats))
         self._metrics.model_ready.labels(name, str(version)).set(1)
         log.info("model %s version %s ready on %s", name, version, model.execution_provider)
-        if self.message_limits is not None:
-            need = needed(model.card, self.settings)
-            if need.receive > self.message_limits.receive or need.send > self.message_limits.send:
-                log.warning(
-                    "model %s version %s: its largest request or response (%d / %d bytes) exceeds the server's "
-                    "gRPC message limits (%d / %d), fixed at start: restart, or set --max-message-bytes",
-                    name,
-                    version,
-                    need.receive,
-                    need.send,
-                    self.message_limits.receive,
-                    self.message_limits.send,
-                )
         return model
 
     async def _retire(self, name: str, versions: list[int]) -> None:

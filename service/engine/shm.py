@@ -17,7 +17,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from .errors import AlreadyExists, InvalidInput, NotFound
+from ..errors import AlreadyExists, InvalidInput, NotFound
 
 SHM_ROOT = "/dev/shm"
 _KEY = re.compile(r"^/?[A-Za-z0-9_.-]{1,250}$")  # tritonclient's keys look like "/input_data"

@@ -7,6 +7,8 @@ import struct
 
 import numpy as np
 
+from ..ipc import DTYPES
+
 
 def top_k(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     """(N, K) scores -> (N, k) object array of b"score:index:label", best first, as Triton does."""
@@ -54,7 +56,7 @@ def deserialize_bytes(raw: bytes | memoryview, most: int | None = None) -> list[
 
 def wire_dtype(datatype: str) -> str:
     """numpy's little-endian dtype for an output datatype (FP32 or FP16)."""
-    return "<f2" if datatype == "FP16" else "<f4"
+    return DTYPES[datatype]
 
 
 def to_wire(array: np.ndarray, datatype: str) -> bytes:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import onnxruntime as ort
 
-from .settings import Settings, default_intra_op_threads
+from ..settings import Settings, default_intra_op_threads
 
 log = logging.getLogger(__name__)
 

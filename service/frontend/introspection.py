@@ -1,4 +1,5 @@
-"""convserve.v1.Introspection: a served model's arithmetic table and training provenance."""
+"""convserve.v1.Introspection: a served model's arithmetic table and training provenance (front-end:
+read from the card the engine sent and the version folder's filters file)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,22 @@ import numpy as np
 
 from convserve.contract import FILTERS_FILE
 
-from .errors import FailedPrecondition, NotFound
+from ..errors import FailedPrecondition, NotFound
+from ..proto import introspection_pb2 as ipb
+from ..proto import introspection_pb2_grpc as ipb_grpc
+from .models import ModelTable
 from .observe import Recorder
-from .proto import introspection_pb2 as ipb
-from .proto import introspection_pb2_grpc as ipb_grpc
-from .registry import Registry
 from .servicer import rpc
 
 
 class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
-    def __init__(self, registry: Registry, recorder: Recorder) -> None:
-        self.registry = registry
+    def __init__(self, models: ModelTable, recorder: Recorder) -> None:
+        self.models = models
         self.recorder = recorder
 
     @rpc
     async def DescribeModel(self, request, context, outcome):
-        model = self.registry.resolve(request.name, request.version)
+        model = self.models.resolve(request.name, request.version)
         card = model.card
         arithmetic = card.arithmetic or {"layers": [], "total_params": 0, "total_macs": 0}
         response = ipb.DescribeModelResponse(
@@ -59,7 +60,7 @@ class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
 
     @rpc
     async def LayerFilters(self, request, context, outcome):
-        model = self.registry.resolve(request.name, request.version)
+        model = self.models.resolve(request.name, request.version)
         entry = next((f for f in model.card.feature_maps if f["name"] == request.feature_map), None)
         if entry is None:
             known = ", ".join(model.card.feature_map_names) or "none"

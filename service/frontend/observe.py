@@ -1,8 +1,10 @@
 """What a request reports: one `Outcome`, made when the request starts and recorded once when it ends.
 
-Unary RPCs, each message of a stream and refused authentications all go through `Recorder`, which
-feeds both Prometheus (`Metrics`) and the served version's `VersionStats` (ModelStatistics) from
-the same record, so the two never disagree. Executed batches are recorded here too.
+Runs in each front-end. Unary RPCs, each message of a stream and refused authentications all go
+through `Recorder`, which feeds both Prometheus (`Metrics`, this process's share of the one /metrics)
+and the served version's statistics (ModelStatistics, kept by the engine: the record goes there in
+the next message) from the same record, so the two never disagree. Executed batches are recorded by
+the engine.
 """
 
 from __future__ import annotations
@@ -11,35 +13,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import grpc
 
-from .batcher import BatchStats
-from .errors import ServingError, status_of
-from .metrics import Metrics
+from ..errors import ServingError, status_of
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VersionStats:
-    """Cumulative counts and durations (ns) of one model version, for ModelStatistics."""
-
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_ns: int = 0
-    preprocess_ns: int = 0
-    postprocess_ns: int = 0
-    inference_count: int = 0  # images
-    execution_count: int = 0  # batches
-    last_inference_ms: int = 0
-    request_compute_ns: int = 0  # over successful requests, each its batch's run (Triton's compute_infer)
-    # batch size -> [executions, input ns, compute ns, output ns] (Triton's batch_stats)
-    batches: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,7 +56,6 @@ class Outcome:
     version: str = ""  # the version that took it ("" if none did)
     code: grpc.StatusCode = grpc.StatusCode.OK
     seconds: float = 0.0  # server time of the whole request
-    stats: Optional[VersionStats] = None  # the statistics of the version that took it
     timings: Optional[Timings] = None  # an inference's stages, once it has run
     feature_map_bytes: int = 0
     limit: str = ""  # the limit that refused it, if one did
@@ -82,15 +63,30 @@ class Outcome:
 
 
 class Recorder:
-    """Writes outcomes and batches into the metrics and the statistics: the one writer of both.
+    """Writes outcomes into the metrics and sends them to the statistics: the one writer of both.
 
     Model labels come from requests: only served names become label values, so a client sending
-    random names cannot blow up the metrics' cardinality.
+    random names cannot blow up the metrics' cardinality. Labelled children are looked up once per
+    label set and kept (prometheus_client's `labels()` costs a lock and a tuple per call).
     """
 
-    def __init__(self, metrics: Metrics, is_served: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        is_served: Callable[[str], bool],
+        send_stat: Callable[[str, int, tuple], None] = lambda model, version, record: None,
+    ) -> None:
         self.metrics = metrics
         self._is_served = is_served
+        self._send_stat = send_stat
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     @contextlib.contextmanager
     def observe(self, outcome: Outcome) -> Iterator[Outcome]:
@@ -118,42 +114,26 @@ class Recorder:
         model, version = outcome.model, outcome.version
         if model and not self._is_served(model):
             model, version = "unknown", ""
-        m.requests.labels(model, version, outcome.method, outcome.code.name).inc()
-        m.request_duration.labels(model, outcome.method).observe(outcome.seconds)
+        self._child(m.requests, model, version, outcome.method, outcome.code.name).inc()
+        self._child(m.request_duration, model, outcome.method).observe(outcome.seconds)
         timings = outcome.timings
         if timings is not None:
-            m.queue_duration.labels(model).observe(timings.queue_ns / 1e9)
+            self._child(m.queue_duration, model).observe(timings.queue_ns / 1e9)
         if outcome.limit:
-            m.refusals.labels(outcome.limit).inc()
+            self._child(m.refusals, outcome.limit).inc()
         if outcome.feature_map_bytes:
-            m.feature_map_bytes.labels(model).inc(outcome.feature_map_bytes)
-        stats = outcome.stats
-        if stats is None:
+            self._child(m.feature_map_bytes, model).inc(outcome.feature_map_bytes)
+        if not version:
             return
         elapsed_ns = int(outcome.seconds * 1e9)
         if outcome.code == grpc.StatusCode.OK and timings is not None:
-            stats.success_count += 1
-            stats.success_ns += elapsed_ns
-            stats.queue_ns += timings.queue_ns
-            stats.preprocess_ns += timings.preprocess_ns
-            stats.request_compute_ns += timings.compute_ns
-            stats.postprocess_ns += timings.postprocess_ns
+            t = timings
+            record = (True, elapsed_ns, t.queue_ns, t.preprocess_ns, t.compute_ns, t.postprocess_ns)
         elif outcome.queued:  # a request refused before the queue (bad shape, bad image) is not
-            stats.fail_count += 1  # the model's failure: Triton does not count it either
-            stats.fail_ns += elapsed_ns
-
-    def record_batch(self, model: str, stats: VersionStats, batch: BatchStats) -> None:
-        stats.execution_count += 1
-        stats.inference_count += batch.batch_size
-        entry = stats.batches.setdefault(batch.batch_size, [0, 0, 0, 0])
-        entry[0] += 1
-        entry[1] += batch.input_ns
-        entry[2] += batch.compute_ns
-        entry[3] += batch.output_ns
-        stats.last_inference_ms = int(time.time() * 1000)  # wall clock: ModelStatistics reports a timestamp
-        self.metrics.batch_size.labels(model).observe(batch.batch_size)
-        self.metrics.compute_duration.labels(model).observe(batch.compute_ns / 1e9)
-        self.metrics.images.labels(model).inc(batch.batch_size)
+            record = (False, elapsed_ns, 0, 0, 0, 0)  # the model's failure: Triton does not count it either
+        else:
+            return
+        self._send_stat(outcome.model, int(version), record)
 
 
 # ---- log settings (Triton's logging extension), over Python's logging ---------------------------

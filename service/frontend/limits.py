@@ -25,8 +25,8 @@ import numpy as np
 
 from convserve.contract import ContractError, ModelCard, model_names, version_dir, versions
 
+from ..settings import Settings
 from .preprocess import ImageLimits
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

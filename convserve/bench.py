@@ -38,14 +38,13 @@ from multiprocessing import shared_memory
 import grpc
 import numpy as np
 
+from convserve.client import build_request, channel_options, wait_until_ready
 from convserve.contract import MODEL_FILE, ModelCard, normalize, version_dir, versions
-
-from .client import build_request, channel_options, wait_until_ready
-from .proto import grpc_service_pb2 as pb
-from .proto import grpc_service_pb2_grpc as pb_grpc
-from .protocol import ShmRef
-from .runtime import ModelRuntime
-from .settings import Settings
+from convserve.service.engine.runtime import ModelRuntime
+from convserve.service.frontend.protocol import ShmRef
+from convserve.service.proto import grpc_service_pb2 as pb
+from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.service.settings import Settings
 
 CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps")
 _DEFAULT_OUTPUTS = ["logits", "probabilities"]

@@ -20,12 +20,12 @@ from typing import Optional
 import grpc
 import numpy as np
 
-from .postprocess import serialize_bytes
-from .proto import grpc_service_pb2 as pb
-from .proto import grpc_service_pb2_grpc as pb_grpc
-from .proto import introspection_pb2 as ipb
-from .proto import introspection_pb2_grpc as ipb_grpc
-from .protocol import ShmRef, output_array
+from convserve.service.frontend.postprocess import serialize_bytes
+from convserve.service.frontend.protocol import ShmRef, output_array
+from convserve.service.proto import grpc_service_pb2 as pb
+from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.service.proto import introspection_pb2 as ipb
+from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
 
 
 def build_request(

@@ -12,10 +12,10 @@ from typing import Optional
 
 import numpy as np
 
-from .batcher import check_batch_size
-from .errors import InvalidInput
+from ..errors import InvalidInput
+from ..proto import grpc_service_pb2 as pb
+from ..rules import check_batch_size
 from .postprocess import deserialize_bytes
-from .proto import grpc_service_pb2 as pb
 
 _DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
 

@@ -6,7 +6,9 @@ up to `max_queue_delay`, for more requests to fill its batch: then the wait cost
 the cores are busy anyway. Requests that arrive while a batch runs are gathered for the next one,
 up to `max_batch_size` images.
 
-The data path: one np.concatenate per batch, outputs handed back as views (slices), no copies.
+The data path: one np.concatenate per batch (the requests' inputs lie in the front-ends' arenas or in
+clients' shared memory), and each request's outputs written by its `deliver` straight from the batch's
+outputs to where its front-end reads them, in the same executor thread as the run.
 """
 
 from __future__ import annotations
@@ -22,15 +24,10 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DeadlineExceeded, InvalidInput, ModelNotReady, QueueFull
+from ..errors import DeadlineExceeded, ModelNotReady, QueueFull
+from ..rules import check_batch_size
 
 Runner = Callable[[np.ndarray, list[str]], list[np.ndarray]]
-
-
-def check_batch_size(images: int, max_batch_size: int) -> None:
-    """The one rule: a request may hold at most one batch of images."""
-    if images > max_batch_size:
-        raise InvalidInput(f"batch of {images} exceeds max_batch_size {max_batch_size}", limit="batch_size")
 
 
 @dataclass
@@ -43,6 +40,11 @@ class Job:
     # resolves to its BatchResult; made with the job, so on the event loop that will run it
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_ns: int = 0
+    # Called in the executor thread with the job's output views, right after its batch ran: writes them
+    # where they are read (an arena block, a client's region). Without it, the views come back in the
+    # BatchResult.
+    deliver: Optional[Callable[[dict[str, np.ndarray]], None]] = None
+    taken: bool = False  # in a batch that is running or ran: too late to cancel
 
     @property
     def size(self) -> int:
@@ -51,7 +53,7 @@ class Job:
 
 @dataclass
 class BatchResult:
-    outputs: dict[str, np.ndarray]  # name -> (n, ...) view into the batch's output
+    outputs: dict[str, np.ndarray]  # name -> (n, ...) view into the batch's output (empty once delivered)
     queue_ns: int  # submit -> its batch started
     compute_ns: int  # the session run of its batch
     batch_size: int  # images in the batch it ran in
@@ -151,14 +153,32 @@ class Batcher:
                 if self._queue:
                     self._arrived.set()  # let an idle worker pick up what arrived meanwhile
 
-    def _concat_and_run(self, parts: list[np.ndarray], names: list[str]) -> tuple[list[np.ndarray], int, int]:
-        """(outputs, ns gathering the inputs, ns of the session run), in the executor thread: a
-        32-image AlexNet batch is 19 MB to copy, too much for the event loop."""
+    def _concat_and_run(
+        self, batch: list[Job], names: list[str]
+    ) -> tuple[list[np.ndarray], list[Optional[BaseException]], int, int, int]:
+        """In the executor thread (a 32-image AlexNet batch is 19 MB to copy, too much for the event
+        loop): gather, run, deliver. Returns (outputs, each job's delivery error, ns gathering the
+        inputs, ns of the session run, ns delivering)."""
         started = time.perf_counter_ns()
-        inputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([job.inputs for job in batch])
         gathered = time.perf_counter_ns()
         outputs = self._runner(inputs, names)
-        return outputs, gathered - started, time.perf_counter_ns() - gathered
+        ran = time.perf_counter_ns()
+        errors: list[Optional[BaseException]] = []
+        offset = 0
+        for job in batch:
+            error = None
+            if job.deliver is not None:
+                n = job.size
+                try:
+                    job.deliver(
+                        {name: out[offset : offset + n] for name, out in zip(names, outputs) if name in job.outputs}
+                    )
+                except Exception as exc:  # this request's destination, not the batch, failed
+                    error = exc
+            errors.append(error)
+            offset += job.size
+        return outputs, errors, gathered - started, ran - gathered, time.perf_counter_ns() - ran
 
     def _take(self) -> list[Job]:
         """Jobs from the head of the queue, up to max_batch_size images; drops cancelled and expired ones."""
@@ -174,17 +194,17 @@ class Batcher:
                 continue
             if images + job.size > self.max_batch_size:
                 break
+            job.taken = True
             batch.append(self._queue.popleft())
             images += job.size
         return batch
 
     async def _run(self, batch: list[Job]) -> None:
         names = sorted(set().union(*(job.outputs for job in batch)), key=self._order.__getitem__)
-        parts = [job.inputs for job in batch]
         started = time.perf_counter_ns()
         try:
-            outputs, input_ns, compute_ns = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._concat_and_run, parts, names
+            outputs, errors, input_ns, compute_ns, deliver_ns = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._concat_and_run, batch, names
             )
         except Exception as exc:
             for job in batch:
@@ -194,11 +214,26 @@ class Batcher:
         split_started = time.perf_counter_ns()
         total = sum(job.size for job in batch)
         offset = 0
-        for job in batch:
+        for job, error in zip(batch, errors):
             n = job.size
             if not job.future.done():
-                views = {name: out[offset : offset + n] for name, out in zip(names, outputs) if name in job.outputs}
-                job.future.set_result(BatchResult(views, started - job.enqueued_ns, compute_ns, total))
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    views = (
+                        {}
+                        if job.deliver is not None
+                        else {
+                            name: out[offset : offset + n] for name, out in zip(names, outputs) if name in job.outputs
+                        }
+                    )
+                    job.future.set_result(BatchResult(views, started - job.enqueued_ns, compute_ns, total))
             offset += n
         if self._on_batch is not None:
-            self._on_batch(BatchStats(total, compute_ns, input_ns, time.perf_counter_ns() - split_started))
+            output_ns = deliver_ns + time.perf_counter_ns() - split_started
+            self._on_batch(BatchStats(total, compute_ns, input_ns, output_ns))
+
+
+def _share(job: Job, names: list[str], outputs: list[np.ndarray], offset: int) -> dict[str, np.ndarray]:
+    """A job's rows of the batch's outputs, the ones it asked for (views, no copies)."""
+    return {name: out[offset : offset + job.size] for name, out in zip(names, outputs) if name in job.outputs}

@@ -1,6 +1,8 @@
 """The V2 inference service (inference.GRPCInferenceService): thin.
 
-Each RPC converts the message (protocol), asks the data plane or the registry, converts back.
+Runs in each front-end. Each RPC converts the message (protocol), asks the data plane, the model
+table or the engine (the state every front-end shares: repository, statistics, shared memory),
+converts back.
 `rpc` wraps every unary method once: it opens the request's `Outcome`, records it when the method
 ends, and turns domain errors into status codes (errors.status_of is the one table). The stream
 handler does the same per message.
@@ -19,18 +21,19 @@ from typing import Any, Optional
 import grpc
 
 from convserve import __version__
+from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME, PLATFORM
 
-from .dataplane import DEFAULT_OUTPUTS, DataPlane
-from .errors import InvalidInput, ServingError, ShuttingDown, Unimplemented, status_of
+from ..errors import InvalidInput, ServingError, ShuttingDown, Unimplemented, status_of
+from ..proto import grpc_service_pb2 as pb
+from ..proto import grpc_service_pb2_grpc as pb_grpc
+from ..proto import model_config_pb2 as mc
+from ..rules import check_model_name
+from ..settings import Settings
+from .dataplane import DataPlane
+from .engine_link import EngineLink
+from .models import ModelTable
 from .observe import Outcome, Recorder, log_settings, set_log_settings
-from .proto import grpc_service_pb2 as pb
-from .proto import grpc_service_pb2_grpc as pb_grpc
-from .proto import model_config_pb2 as mc
 from .protocol import build_infer_response, parse_infer_request
-from .registry import ModelState, Registry
-from .settings import Settings
-from .shm import SystemSharedMemory
-from .workers import worker_identity
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +101,17 @@ class ServerState(enum.Enum):
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        registry: Registry,
+        models: ModelTable,
+        engine: EngineLink,
         dataplane: DataPlane,
         settings: Settings,
         server_state: Callable[[], ServerState],
         recorder: Recorder,
-        shm: SystemSharedMemory,
+        identity: str = "",
     ) -> None:
-        self.shm = shm
-        self.registry = registry
+        self.models = models
+        self.engine = engine
+        self.identity = identity  # "i/N": the front-end, named in ModelStatistics' trailing metadata
         self.dataplane = dataplane
         self.settings = settings
         self.server_state = server_state
@@ -121,18 +126,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ServerReady(self, request, context, outcome):
         return pb.ServerReadyResponse(
-            ready=self.server_state() is ServerState.READY and bool(self.registry.ready_models())
+            ready=self.server_state() is ServerState.READY
+            and self.engine.connected
+            and bool(self.models.ready_models())
         )
 
     @rpc
     async def ModelReady(self, request, context, outcome):
         try:
-            self.registry.resolve(request.name, request.version)
+            self.models.resolve(request.name, request.version)
         except InvalidInput:
             raise  # a malformed name or version is an error, not "not ready"
         except ServingError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.server_state() is not ServerState.STOPPING)
+        return pb.ModelReadyResponse(ready=self.server_state() is not ServerState.STOPPING and self.engine.connected)
 
     @rpc
     async def ServerMetadata(self, request, context, outcome):
@@ -140,36 +147,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request, context, outcome):
-        model = self.registry.resolve(request.name, request.version)
-        versions = [str(m.version) for m in self.registry.served_versions(model.name)]
-        response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform="onnxruntime_onnx")
-        response.inputs.add(name="input", datatype="FP32", shape=[-1, *model.input_shape])
+        model = self.models.resolve(request.name, request.version)
+        versions = [str(m.version) for m in self.models.served_versions(model.name)]
+        response = pb.ModelMetadataResponse(name=model.name, versions=versions, platform=PLATFORM)
+        response.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[-1, *model.input_shape])
         # the config's dims with the batch dimension in front, as Triton reports them
-        response.inputs.add(name="image", datatype="BYTES", shape=[-1, 1])
+        response.inputs.add(name=IMAGE_INPUT_NAME, datatype="BYTES", shape=[-1, 1])
         for output in model.card.outputs:
             response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         return response
 
     @rpc
     async def ModelConfig(self, request, context, outcome):
-        model = self.registry.resolve(request.name, request.version)
+        model = self.models.resolve(request.name, request.version)
         gpu = model.execution_provider != "CPUExecutionProvider"
         config = mc.ModelConfig(
             name=model.name,
-            platform="onnxruntime_onnx",
+            platform=PLATFORM,
             backend="onnxruntime",
             max_batch_size=self.settings.max_batch_size,
             default_model_filename="model.onnx",
         )
         # two alternatives: a request carries exactly one of them, so each is optional
         config.input.add(
-            name="input",
+            name=INPUT_NAME,
             data_type=mc.TYPE_FP32,
             format=mc.ModelInput.FORMAT_NCHW,
             dims=list(model.input_shape),
             optional=True,
         )
-        config.input.add(name="image", data_type=mc.TYPE_STRING, dims=[1], optional=True)
+        config.input.add(name=IMAGE_INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1], optional=True)
         policy = self.settings.version_policy
         if policy == "all":
             config.version_policy.all.SetInParent()
@@ -196,32 +203,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request, context, outcome):
-        models = self.registry.served_versions(request.name)
-        if request.version:
-            models = [m for m in models if str(m.version) == request.version]
-        if request.name and not models:
-            self.registry.resolve(request.name, request.version)  # raises the right error
+        if request.name:
+            self.models.resolve(request.name, request.version)  # an unknown one raises the right error
+        version = int(request.version) if request.name and request.version else None
         response = pb.ModelStatisticsResponse()
-        if worker_identity():  # statistics are this process's own: say which one
-            context.set_trailing_metadata((("convserve-worker", worker_identity()),))
-        for model in models:
-            s = model.stats
+        if self.identity:  # the statistics are the engine's, for every front-end: say which one answered
+            context.set_trailing_metadata((("convserve-frontend", self.identity),))
+        for s in await self.engine.call("statistics", request.name, version):
             entry = response.model_stats.add(
-                name=model.name,
-                version=str(model.version),
-                last_inference=s.last_inference_ms,
-                inference_count=s.inference_count,
-                execution_count=s.execution_count,
+                name=s["name"],
+                version=str(s["version"]),
+                last_inference=s["last_inference_ms"],
+                inference_count=s["inference_count"],
+                execution_count=s["execution_count"],
             )
             stats = entry.inference_stats
-            stats.success.count, stats.success.ns = s.success_count, s.success_ns
-            stats.fail.count, stats.fail.ns = s.fail_count, s.fail_ns
-            stats.queue.count, stats.queue.ns = s.success_count, s.queue_ns
-            stats.compute_input.count, stats.compute_input.ns = s.success_count, s.preprocess_ns
+            successes = s["success_count"]
+            stats.success.count, stats.success.ns = successes, s["success_ns"]
+            stats.fail.count, stats.fail.ns = s["fail_count"], s["fail_ns"]
+            stats.queue.count, stats.queue.ns = successes, s["queue_ns"]
+            stats.compute_input.count, stats.compute_input.ns = successes, s["preprocess_ns"]
             # per request, as Triton counts them: each request carries its batch's run time
-            stats.compute_infer.count, stats.compute_infer.ns = s.success_count, s.request_compute_ns
-            stats.compute_output.count, stats.compute_output.ns = s.success_count, s.postprocess_ns
-            for size, (count, input_ns, infer_ns, output_ns) in sorted(s.batches.items()):
+            stats.compute_infer.count, stats.compute_infer.ns = successes, s["request_compute_ns"]
+            stats.compute_output.count, stats.compute_output.ns = successes, s["postprocess_ns"]
+            for size, (count, input_ns, infer_ns, output_ns) in sorted(s["batches"].items()):
                 batch = entry.batch_stats.add(batch_size=size)  # per execution of that batch size
                 batch.compute_input.count, batch.compute_input.ns = count, input_ns
                 batch.compute_infer.count, batch.compute_infer.ns = count, infer_ns
@@ -233,10 +238,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryIndex(self, request, context, outcome):
         response = pb.RepositoryIndexResponse()
-        for name, version, state, reason in await self.registry.index():
-            if request.ready and state is not ModelState.READY:
+        for name, version, state, reason in await self.engine.call("index"):
+            if request.ready and state != "READY":
                 continue
-            response.models.add(name=name, version=version, state=state.value, reason=reason)
+            response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
     @rpc
@@ -247,12 +252,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"RepositoryModelLoad with {', '.join(overrides)} is not supported: convserve loads the model "
                 "folder as exported, and its settings are `convserve serve` flags"
             )
-        await self.registry.load(request.model_name)
+        check_model_name(request.model_name)
+        # the answer carries the new table: this front-end answers from it at once (the others get it
+        # in the engine's broadcast)
+        self.models.update(await self.engine.call("load", request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request, context, outcome):
-        await self.registry.unload(request.model_name)
+        check_model_name(request.model_name)
+        self.models.update(await self.engine.call("unload", request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
     # ---- logging and tracing (Triton's extensions) ---------------------------------------------
@@ -291,7 +300,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def TraceSetting(self, request, context, outcome):
         if request.model_name:
-            self.registry.resolve(request.model_name)  # an unknown model is NOT_FOUND, as in Triton
+            self.models.resolve(request.model_name)  # an unknown model is NOT_FOUND, as in Triton
         for key, value in request.settings.items():
             if key not in TRACE_SETTINGS:
                 raise InvalidInput(f"unknown trace setting {key[:64]!r}")
@@ -306,23 +315,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def SystemSharedMemoryRegister(self, request, context, outcome):
-        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        await self.engine.call("shm_register", request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
     async def SystemSharedMemoryStatus(self, request, context, outcome):
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shm.status(request.name):
-            response.regions[region.name].CopyFrom(
-                pb.SystemSharedMemoryStatusResponse.RegionStatus(
-                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
-                )
+        for name, key, offset, byte_size in await self.engine.call("shm_status", request.name):
+            response.regions[name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(name=name, key=key, offset=offset, byte_size=byte_size)
             )
         return response
 
     @rpc
     async def SystemSharedMemoryUnregister(self, request, context, outcome):
-        self.shm.unregister(request.name)
+        await self.engine.call("shm_unregister", request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc

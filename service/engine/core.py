@@ -1,0 +1,297 @@
+"""The engine process: one per device. Owns the models (registry, sessions, batchers, statistics, the
+lifecycle) and the clients' shared-memory regions; front-ends connect to it over a Unix socket.
+
+Runs in the engine process only. Every front-end's requests go into the same per-version batcher, so
+one model copy (and one CUDA context) serves every connection and batches mix requests from all
+front-ends. A request's input is read where it lies (the front-end's arena or the client's region)
+and its outputs are written where they are read, from the executor thread that ran the batch; what
+travels back is one small message per request, all of one event-loop turn in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import InvalidInput, ServingError, Unimplemented, status_of
+from ..ipc import DTYPES, Arena, Link, Message, receive_hello
+from ..metrics import Metrics
+from ..settings import Settings
+from .batcher import Job
+from .registry import ModelVersion, Registry
+from .shm import SystemSharedMemory
+
+log = logging.getLogger("convserve.engine")
+
+Write = tuple[np.ndarray, str]  # (destination array, output name)
+
+
+def _deliver(writes: list[Write], outputs: dict[str, np.ndarray]) -> None:
+    """In the executor thread: each output into its destination (FP16 conversion on the way)."""
+    for destination, name in writes:
+        np.copyto(destination, outputs[name], casting="same_kind")
+
+
+class Frontend:
+    """One connected front-end: its link, its arena (mapped here too), its requests in progress."""
+
+    def __init__(self, engine: Engine, link: Link, arena: Arena, hello: dict[str, Any]) -> None:
+        self.engine = engine
+        self.link = link
+        self.arena = arena
+        self.name = f"front-end {hello.get('index', '?')} (pid {hello.get('pid', '?')})"
+        self.jobs: dict[int, Job] = {}
+
+    def dispatch(self, message: Message) -> None:
+        kind = message[0]
+        if kind == "infer":
+            self._infer(*message[1:])
+        elif kind == "cancel":
+            job = self.jobs.get(message[1])
+            if job is not None and not job.taken:  # a running job finishes: its block is written
+                job.future.cancel()
+        elif kind == "stat":
+            _, name, version, record = message
+            model = self.engine.registry.served(name, version)
+            if model is not None:
+                model.stats.record_request(record)
+        elif kind == "call":
+            self.engine.in_background(self._call(message[1], message[2], message[3]))
+        else:
+            log.error("%s sent an unknown message %r", self.name, kind)
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    def _infer(self, rid: int, name: str, version: int, source: tuple, shape: tuple, outputs: list, deadline) -> None:
+        try:
+            model = self.engine.registry.get(name, version)
+            inputs = self._source(source, shape)
+            writes = [(self._destination(model, out, dest, shape[0]), out) for out, dest in outputs]
+            job = Job(inputs, frozenset(out for out, _ in outputs), deadline)
+            job.deliver = functools.partial(_deliver, writes)
+            assert model.batcher is not None
+            future = model.batcher.submit(job)
+        except Exception as exc:
+            self._failed(rid, exc)
+            return
+        self.jobs[rid] = job
+        future.add_done_callback(functools.partial(self._finished, rid))
+
+    def _source(self, source: tuple, shape: tuple) -> np.ndarray:
+        if source[0] == "arena":
+            return self.arena.array(source[1], shape)
+        _, region, offset, byte_size = source
+        need = 4 * int(np.prod(shape))
+        if byte_size != need:
+            raise InvalidInput(f"input 'input' of shape {list(shape)} needs {need} bytes, got {byte_size}")
+        view = self.engine.shm.view(region, offset, byte_size, "input 'input'")
+        return np.frombuffer(view, dtype="<f4").reshape(shape)
+
+    def _destination(self, model: ModelVersion, name: str, dest: tuple, images: int) -> np.ndarray:
+        shape = (images, *model.outputs[name].shape[1:])
+        if dest[0] == "arena":
+            return self.arena.array(dest[1], shape)
+        _, region, offset, byte_size, datatype = dest
+        dtype = DTYPES[datatype]
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        what = f"output {name!r}"
+        if size > byte_size:
+            raise InvalidInput(f"{what} needs {size} bytes; its shared-memory window has {byte_size}")
+        return np.frombuffer(self.engine.shm.view(region, offset, size, what), dtype=dtype).reshape(shape)
+
+    def _finished(self, rid: int, future: asyncio.Future) -> None:
+        self.jobs.pop(rid, None)
+        if future.cancelled():
+            self.link.send(("failed", rid, "CANCELLED", "cancelled", ""))
+        elif (error := future.exception()) is not None:
+            self._failed(rid, error)
+        else:
+            result = future.result()
+            self.link.send(("done", rid, result.queue_ns, result.compute_ns, result.batch_size))
+
+    def _failed(self, rid: int, error: BaseException) -> None:
+        code, message = status_of(error)
+        if not isinstance(error, ServingError):
+            log.error("request from %s failed", self.name, exc_info=error)
+        self.link.send(("failed", rid, code.name, message, getattr(error, "limit", "")))
+
+    # ---- control calls ---------------------------------------------------------------------------
+
+    async def _call(self, cid: int, method: str, args: tuple) -> None:
+        try:
+            value = await self.engine.call(method, *args)
+        except Exception as exc:
+            code, message = status_of(exc)
+            if not isinstance(exc, ServingError):
+                log.error("%s from %s failed", method, self.name, exc_info=exc)
+            self.link.send(("refused", cid, code.name, message, getattr(exc, "limit", "")))
+            return
+        self.link.send(("reply", cid, value))
+
+    def detach(self) -> None:
+        """The front-end went: drop what it queued (what runs finishes into the arena, then it goes)."""
+        for job in list(self.jobs.values()):
+            if not job.taken:
+                job.future.cancel()
+        self.arena.close()
+
+
+class Engine:
+    def __init__(self, settings: Settings, socket_path: str) -> None:
+        self.settings = settings
+        self.socket_path = socket_path
+        self.metrics = Metrics()
+        self.metrics.queue_capacity.set(settings.max_queue_size)
+        self.registry = Registry(settings, self.metrics, on_change=self._models_changed)
+        self.shm = SystemSharedMemory()
+        self.frontends: set[Frontend] = set()
+        self._background: set[asyncio.Future] = set()
+
+    def in_background(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def models(self) -> dict[str, Any]:
+        """The "models" table every front-end keeps: served versions and the repository's index."""
+        rows = await self.registry.index()
+        return {
+            "served": [m.describe() for m in self.registry.served_versions()],
+            "index": [(name, version, state.value, reason) for name, version, state, reason in rows],
+            "pending": self.registry.pending_names(),
+        }
+
+    async def _models_changed(self) -> None:
+        if self.frontends:
+            table = await self.models()
+            for frontend in self.frontends:
+                frontend.link.send(("models", table))
+
+    async def call(self, method: str, *args) -> Any:
+        """The control calls front-ends forward; plain data in, plain data out."""
+        if method == "index":
+            return (await self.models())["index"]
+        if method == "load":
+            await self.registry.load(*args)
+            return await self.models()
+        if method == "unload":
+            await self.registry.unload(*args)
+            return await self.models()
+        if method == "statistics":
+            name, version = args
+            return [
+                {"name": m.name, "version": m.version, **vars(m.stats)}
+                for m in self.registry.served_versions(name)
+                if version is None or m.version == version
+            ]
+        if method == "shm_register":
+            self.shm.register(*args)
+            return None
+        if method == "shm_status":
+            return [(r.name, r.key, r.offset, r.byte_size) for r in self.shm.status(*args)]
+        if method == "shm_unregister":
+            self.shm.unregister(*args)
+            return None
+        if method == "shm_read":  # an encoded image a client left in its region (bytes, not a tensor)
+            return bytes(self.shm.view(*args))
+        raise Unimplemented(f"unknown engine call {method!r}")
+
+    # ---- front-ends ------------------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self.in_background(self._attach(conn))
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(True)
+            hello, arena = await asyncio.to_thread(receive_hello, conn)
+            conn.setblocking(False)
+        except (OSError, ValueError, EOFError) as exc:
+            log.warning("a front-end's connection failed before its hello: %s", exc)
+            conn.close()
+            return
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        frontend = Frontend(self, Link(reader, writer), arena, hello)
+        self.frontends.add(frontend)
+        log.info("%s connected", frontend.name)
+        frontend.link.send(("models", await self.models()))
+        try:
+            await frontend.link.serve(frontend.dispatch)
+        finally:
+            self.frontends.discard(frontend)
+            frontend.detach()
+            log.info("%s disconnected", frontend.name)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[int], None]) -> None:
+        """Load the repository, then take front-ends until SIGTERM; `ready(versions)` once loaded."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.rescan()))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a killed engine's
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.socket_path)
+        listener.listen(64)
+        listener.setblocking(False)
+        if not os.path.isdir(self.registry.repository):
+            log.warning("repository %s does not exist: serving no models until it does", self.registry.repository)
+        await self.registry.scan()
+        for model in self.registry.ready_models():
+            log.info("serving %s version %d (%s)", model.name, model.version, model.execution_provider)
+        tasks = [asyncio.create_task(self._accept(listener)), asyncio.create_task(self._refresh_metrics())]
+        if self.settings.poll_interval:
+            tasks.append(asyncio.create_task(self._poll()))
+        ready(len(self.registry.ready_models()))
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            listener.close()
+            await self.registry.close()
+            for frontend in list(self.frontends):
+                frontend.link.close()
+            self.shm.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            await self.rescan()
+
+    async def rescan(self) -> None:
+        """Scan the repository again; a failure is logged, and the models already served keep serving."""
+        try:
+            await self.registry.scan()
+        except Exception:
+            log.exception("repository scan failed")
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(1.0)
+
+
+def main(settings: Settings, socket_path: str, ready: Optional[Any] = None) -> None:
+    """The engine process's entry point (`ready`: a multiprocessing Connection told the version count)."""
+
+    def tell(versions: int) -> None:
+        if ready is not None:
+            with contextlib.suppress(OSError):  # a restarted engine's supervisor may not listen
+                ready.send(versions)
+
+    asyncio.run(Engine(settings, socket_path).run(tell))

@@ -1,0 +1,185 @@
+"""A front-end's connection to the engine: requests out, answers back, reconnecting when the engine
+restarts.
+
+Runs in each front-end. While the engine is down every request fails at once with UNAVAILABLE (the
+ones waiting on it too: none hangs) and health says NOT_SERVING; the link connects again as soon as
+the supervisor has a new engine listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Optional
+
+from ..errors import EngineUnavailable, Remote
+from ..ipc import Arena, Link, Message, send_hello
+
+log = logging.getLogger("convserve.frontend")
+
+RETRY_SECONDS = 0.1
+
+
+class EngineLink:
+    def __init__(
+        self,
+        socket_path: str,
+        arena: Arena,
+        index: int,
+        on_models: Callable[[dict[str, Any]], None],
+        on_connected: Callable[[bool], None],
+    ) -> None:
+        self.socket_path = socket_path
+        self.arena = arena
+        self.index = index
+        self._on_models = on_models
+        self._on_connected = on_connected
+        self._link: Optional[Link] = None
+        self._ids = itertools.count()
+        # rid -> (future, arena block): a block is freed by whoever takes the answer, or here when its
+        # request was cancelled (the engine may write into it until it answers)
+        self._requests: dict[int, tuple[asyncio.Future, Optional[int]]] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._connected = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._pending_link: Optional[Link] = None  # connected, its first table not yet read
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def wait_connected(self, timeout: float) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._link is not None:
+            self._link.close()
+
+    # ---- what the data plane and the servicer call ---------------------------------------------------
+
+    def infer(self, block: Optional[int], *message: Any) -> tuple[int, asyncio.Future]:
+        """Send ("infer", rid, *message); the future resolves to (queue_ns, compute_ns, batch_size)."""
+        link = self._require()
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._requests[rid] = (future, block)
+        link.send(("infer", rid, *message))
+        return rid, future
+
+    def cancel(self, rid: int) -> None:
+        """The client went: the engine drops the request if it has not started; its block is freed on the answer."""
+        entry = self._requests.get(rid)
+        if entry is not None and self._link is not None:
+            self._link.send(("cancel", rid))
+
+    def stat(self, model: str, version: int, record: tuple) -> None:
+        if self._link is not None:
+            self._link.send(("stat", model, version, record))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """A control call answered by the engine (index, load, statistics, shared memory ...)."""
+        link = self._require()
+        cid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[cid] = future
+        link.send(("call", cid, method, args))
+        try:
+            return await future
+        finally:
+            self._calls.pop(cid, None)
+
+    def _require(self) -> Link:
+        if self._link is None:
+            raise EngineUnavailable("the engine is restarting; retry")
+        return self._link
+
+    # ---- the connection ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(self.socket_path)
+                    send_hello(
+                        sock, {"index": self.index, "pid": os.getpid(), "arena_bytes": self.arena.size}, self.arena
+                    )
+                    sock.setblocking(False)
+                    reader, writer = await asyncio.open_unix_connection(sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            except OSError:
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            link = Link(reader, writer)
+            served = loop.create_task(link.serve(self._dispatch))
+            self._pending_link = link
+            try:
+                await served
+            finally:
+                self._lost(link)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    def _lost(self, link: Link) -> None:
+        link.close()
+        was = self._link is not None
+        self._link = None
+        self._connected.clear()
+        error = EngineUnavailable("the engine went away; retry")
+        requests, self._requests = self._requests, {}
+        for future, block in requests.values():
+            if future.done():  # cancelled: nobody else frees it
+                self._free(block)
+            else:
+                future.set_exception(error)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        if was:
+            log.warning("front-end %d lost the engine: answering UNAVAILABLE until it is back", self.index)
+            self._on_connected(False)
+
+    def _free(self, block: Optional[int]) -> None:
+        if block is not None:
+            self.arena.free(block)
+
+    def _dispatch(self, message: Message) -> None:
+        kind = message[0]
+        if kind == "done" or kind == "failed":
+            entry = self._requests.pop(message[1], None)
+            if entry is None:
+                return
+            future, block = entry
+            if future.done():  # cancelled by its client
+                self._free(block)
+            elif kind == "done":
+                future.set_result(message[2:])
+            else:
+                future.set_exception(Remote(*message[2:]))
+        elif kind == "reply" or kind == "refused":
+            call = self._calls.get(message[1])
+            if call is not None and not call.done():
+                if kind == "reply":
+                    call.set_result(message[2])
+                else:
+                    call.set_exception(Remote(*message[2:]))
+        elif kind == "models":
+            self._on_models(message[1])
+            if self._link is None:  # the first table: connected
+                self._link = self._pending_link
+                self._connected.set()
+                log.info("front-end %d connected to the engine", self.index)
+                self._on_connected(True)
+        else:
+            log.error("the engine sent an unknown message %r", kind)

@@ -1,0 +1,221 @@
+"""A front-end process: the gRPC server (V2, introspection, health, reflection) on the shared port,
+its arena, its link to the engine. It never loads a model.
+
+Runs in each front-end. Health is SERVING while the engine is connected and the server is not
+stopping; per model, while the model serves. SIGTERM: NOT_SERVING, refuse new requests, finish those
+in flight within the grace period; a second SIGTERM cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from convserve.cpus import available_cpus
+
+from ..ipc import Arena
+from ..metrics import Metrics
+from ..proto import POOL
+from ..proto import grpc_service_pb2 as pb
+from ..proto import grpc_service_pb2_grpc as pb_grpc
+from ..proto import introspection_pb2 as ipb
+from ..proto import introspection_pb2_grpc as ipb_grpc
+from ..settings import Settings
+from .auth import AuthInterceptor
+from .dataplane import DataPlane
+from .engine_link import EngineLink
+from .introspection import IntrospectionServicer
+from .limits import cards_on_disk, message_limits, needed
+from .models import ModelTable
+from .observe import Recorder
+from .preprocess import blank_png, preprocess_encoded
+from .servicer import InferenceServicer, ServerState
+
+log = logging.getLogger("convserve.frontend")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS from the PEM files the settings name; mutual TLS when a client CA is given."""
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(settings.tls_key), read(settings.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class Frontend:
+    """One front-end: started once the engine has answered, stopped on SIGTERM."""
+
+    def __init__(self, settings: Settings, socket_path: str, port: int, index: int, count: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.index = index
+        self.state = ServerState.STARTING
+        self.metrics = Metrics()
+        self.models = ModelTable(settings)
+        self.arena = Arena.create(f"convserve-frontend-{index}", settings.arena_mib << 20)
+        self.engine = EngineLink(socket_path, self.arena, index, self._models_changed, self._engine_changed)
+        self.recorder = Recorder(self.metrics, self.models.is_served, self.engine.stat)
+        self.health = health.aio.HealthServicer()
+        # Image decoding and response tensors: CPU work that must stay off the event loop; as many
+        # threads as CPUs, since more would only queue for the same cores.
+        self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
+        self.dataplane = DataPlane(self.models, self.engine, self.arena, self.codec_executor)
+        self.identity = f"{index}/{count}"
+        self.grpc_server: Optional[grpc.aio.Server] = None
+        self.limits = message_limits(cards_on_disk(settings.repository), settings)
+        self._background: set[asyncio.Future] = set()
+
+    # ---- what the engine tells ------------------------------------------------------------------
+
+    def _models_changed(self, table: dict[str, Any]) -> None:
+        before = {(m.name, m.version) for m in self.models.served_versions()}
+        self.models.update(table)
+        for model in self.models.served_versions():
+            if (model.name, model.version) in before:
+                continue
+            # decode one image: loads PIL's codecs before a client waits
+            preprocess_encoded([blank_png(model.spec)], model.spec)
+            need = needed(model.card, self.settings)
+            if need.receive > self.limits.receive or need.send > self.limits.send:
+                log.warning(
+                    "model %s version %s: its largest request or response (%d / %d bytes) exceeds the server's "
+                    "gRPC message limits (%d / %d), fixed at start: restart, or set --max-message-bytes",
+                    model.name,
+                    model.version,
+                    need.receive,
+                    need.send,
+                    self.limits.receive,
+                    self.limits.send,
+                )
+        self._in_background(self._update_health())
+
+    def _engine_changed(self, connected: bool) -> None:
+        self._in_background(self._update_health())
+
+    def _in_background(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _update_health(self) -> None:
+        """Overall: SERVING while ready and the engine is there; per model: SERVING while it serves."""
+        serving = self.state is ServerState.READY and self.engine.connected
+        overall = _SERVING if serving else _NOT_SERVING
+        # Triton answers for its own service name as for the whole server
+        statuses = {"": overall, "inference.GRPCInferenceService": overall}
+        for name in self.models.known_names():
+            statuses[name] = _NOT_SERVING
+        for name in self.models.served_names():
+            statuses[name] = overall
+        for name, status in statuses.items():
+            await self.health.set(name, status)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.engine.start()
+        await self.engine.wait_connected(timeout=600)
+        log.info("gRPC messages: at most %d bytes received, %d sent", self.limits.receive, self.limits.send)
+        options = [
+            ("grpc.max_receive_message_length", self.limits.receive),
+            ("grpc.max_send_message_length", self.limits.send),
+            ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+            ("grpc.so_reuseport", 1),  # the front-ends share the port; the kernel spreads connections
+        ]
+        interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
+            ),
+            self.grpc_server,
+        )
+        ipb_grpc.add_IntrospectionServicer_to_server(
+            IntrospectionServicer(self.models, self.recorder), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.
+        try:
+            POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+        service_names = [
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            ipb.DESCRIPTOR.services_by_name["Introspection"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(service_names, self.grpc_server, pool=POOL)
+        address = f"{s.host}:{self.port}"
+        if s.tls_cert:
+            bound = self.grpc_server.add_secure_port(address, server_credentials(s))
+        else:
+            bound = self.grpc_server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.state = ServerState.READY
+        await self._update_health()
+        await self.grpc_server.start()
+        log.info("front-end %s listening on %s (gRPC)", self.identity, address)
+
+    def stop_now(self) -> None:
+        """Cut the grace period short: the RPCs still running are cancelled."""
+        if self.grpc_server is not None:
+            self._in_background(self.grpc_server.stop(None))
+
+    async def stop(self) -> None:
+        """NOT_SERVING, refuse new requests, finish those in flight within the grace period."""
+        self.state = ServerState.STOPPING
+        await self._update_health()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.settings.grace_period)
+        await self.engine.close()
+        await asyncio.to_thread(self.codec_executor.shutdown, wait=True)
+        self.arena.close()
+
+
+async def serve(settings: Settings, socket_path: str, port: int, index: int, count: int, ready=None) -> None:
+    """Run one front-end until SIGTERM, then drain; a second SIGTERM stops at once."""
+    frontend = Frontend(settings, socket_path, port, index, count)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await frontend.start()
+        if ready is not None:
+            ready()
+        await stop.wait()
+        log.info("front-end %s: finishing in-flight requests (grace %.0f s)", frontend.identity, settings.grace_period)
+        loop.add_signal_handler(signal.SIGTERM, frontend.stop_now)
+    finally:
+        await frontend.stop()
+
+
+def main(settings: Settings, socket_path: str, port: int, index: int, count: int, ready: Optional[Any] = None) -> None:
+    """The front-end process's entry point (`ready`: a multiprocessing Connection told when it listens)."""
+
+    def tell() -> None:
+        if ready is not None:
+            with contextlib.suppress(OSError):  # a restarted front-end's supervisor does not wait
+                ready.send(True)
+
+    asyncio.run(serve(settings, socket_path, port, index, count, tell))

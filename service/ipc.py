@@ -1,0 +1,180 @@
+"""What the front-ends and the engine share, and nothing else: the arena and the message link.
+
+Runs in both processes. Tensors never travel through the socket: a front-end writes a request's input
+into its arena (a memfd both processes map), the engine gathers batches from it and writes each
+request's outputs back into the same block. Only small control messages travel, over one Unix socket
+per front-end, as length-prefixed pickles of a *list* of messages: everything a process sends in one
+event-loop turn goes in one write (one message per front-end per executed batch, not one per request).
+
+Messages are plain tuples, first item the kind:
+
+    front-end -> engine
+        ("infer", rid, model, version, source, shape, outputs, deadline)
+            source  ("arena", offset) | ("shm", region, offset, byte_size)
+            outputs [(name, ("arena", offset) | ("shm", region, offset, byte_size, datatype))]
+            deadline time.monotonic() seconds (CLOCK_MONOTONIC is one clock for all processes) or None
+        ("cancel", rid)                                 drop it if it has not started
+        ("stat", model, version, record)                a finished request, for ModelStatistics
+        ("call", cid, method, args)                     a control call (index, load, statistics, shm ...)
+    engine -> front-end
+        ("done", rid, queue_ns, compute_ns, batch_size)
+        ("failed", rid, code, message, limit)           code: a grpc.StatusCode name
+        ("reply", cid, value) | ("refused", cid, code, message, limit)
+        ("models", table)                               the served models, after every change
+
+The arena is a memfd (os.memfd_create), passed to the engine once over the socket (SCM_RIGHTS): it
+has no name under /dev/shm, so nothing of it outlives the processes that map it, even after kill -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import mmap
+import os
+import pickle
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+
+_LENGTH = struct.Struct("<I")
+# Blocks start on cache lines: numpy reads and writes them at full speed, and two requests' blocks
+# never share a line that two threads write.
+ALIGN = 64
+Message = tuple
+# Output datatypes a destination may ask for (FP16 halves a feature map), as little-endian numpy types
+DTYPES = {"FP32": "<f4", "FP16": "<f2"}
+
+
+class Arena:
+    """A shared byte space with a first-fit allocator (the owner allocates; both sides read and write)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.buffer = mmap.mmap(fd, size)
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), sorted by offset
+        self._used: dict[int, int] = {}  # offset -> size
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Arena:
+        """A new arena in memory only (pages are taken when first written)."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return cls(fd, size)
+
+    def alloc(self, nbytes: int) -> Optional[int]:
+        """The offset of a block of at least `nbytes`, or None when none is free."""
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        for index, (offset, size) in enumerate(self._free):
+            if size >= need:
+                if size == need:
+                    del self._free[index]
+                else:
+                    self._free[index] = (offset + need, size - need)
+                self._used[offset] = need
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        index = bisect.bisect(self._free, (offset, 0))
+        # merge with the neighbours, so that big blocks stay possible
+        if index < len(self._free) and self._free[index][0] == offset + size:
+            size += self._free.pop(index)[1]
+        if index > 0 and sum(self._free[index - 1]) == offset:
+            offset, previous = self._free[index - 1]
+            size += previous
+            index -= 1
+            del self._free[index]
+        self._free.insert(index, (offset, size))
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    def array(self, offset: int, shape: tuple[int, ...], dtype: str = "<f4") -> np.ndarray:
+        """A view of the arena's bytes at `offset` as an array (no copy); checked against the arena."""
+        count = 1
+        for d in shape:
+            count *= d
+        if offset < 0 or offset + count * np.dtype(dtype).itemsize > self.size:
+            raise ValueError(f"{count} items at offset {offset} fall outside the arena")
+        return np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view still alive: the mapping goes with it
+            self.buffer.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Link:
+    """One end of a front-end <-> engine socket: batched sends, a reader that dispatches each message."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._outgoing: list[Message] = []
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    def send(self, message: Message) -> None:
+        """Queue a message; everything queued in this event-loop turn leaves in one write."""
+        if self.closed:
+            return
+        if not self._outgoing:
+            self._loop.call_soon(self._flush)
+        self._outgoing.append(message)
+
+    def _flush(self) -> None:
+        if self.closed or not self._outgoing:
+            return
+        data = pickle.dumps(self._outgoing, protocol=pickle.HIGHEST_PROTOCOL)
+        self._outgoing = []
+        self._writer.write(_LENGTH.pack(len(data)) + data)
+
+    async def serve(self, dispatch: Callable[[Message], None]) -> None:
+        """Read until the other end goes; each message to `dispatch`, in order."""
+        try:
+            while True:
+                header = await self._reader.readexactly(_LENGTH.size)
+                (length,) = _LENGTH.unpack(header)
+                for message in pickle.loads(await self._reader.readexactly(length)):
+                    dispatch(message)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.close()
+
+
+# ---- the handshake: the front-end's arena travels once, as a file descriptor -----------------------
+
+
+def send_hello(sock: socket.socket, hello: dict[str, Any], arena: Arena) -> None:
+    """Blocking: the front-end's first message, with its arena's descriptor (SCM_RIGHTS)."""
+    data = pickle.dumps(hello)
+    socket.send_fds(sock, [_LENGTH.pack(len(data)) + data], [arena.fd])
+
+
+def receive_hello(sock: socket.socket, timeout: float = 5.0) -> tuple[dict[str, Any], Arena]:
+    """Blocking (run it in a thread): the hello and the arena it names, mapped."""
+    sock.settimeout(timeout)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    if len(fds) != 1 or len(data) < _LENGTH.size:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("a front-end's hello came without its arena")
+    (length,) = _LENGTH.unpack_from(data)
+    hello = pickle.loads(data[_LENGTH.size : _LENGTH.size + length])
+    sock.settimeout(None)
+    return hello, Arena(fds[0], hello["arena_bytes"])

@@ -1,0 +1,276 @@
+"""`convserve serve`: the supervising process. Starts the engine, then the front-ends once the models
+are ready; serves the one /metrics of all of them (prometheus-client's multiprocess mode); restarts
+whichever dies; turns signals into the lifecycle.
+
+    SIGTERM, SIGINT  drain: the front-ends stop taking requests and finish theirs, then the engine stops
+                     (a second one: the front-ends cancel what is left)
+    SIGHUP           the engine rescans the repository
+
+Every child dies with this process (a parent-death signal), so kill -9 of the supervisor leaves nothing
+listening. Arenas are memfds (nothing under /dev/shm); the run folder (the engine's socket, the metrics
+files) is removed on the way out, and a killed run's folder by the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger("convserve")
+
+RUN_PREFIX = "convserve-run-"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PR_SET_PDEATHSIG = 1
+_START_TIMEOUT = 600.0  # seconds for the engine to load the repository (a big model on a cold GPU)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host if host != "0.0.0.0" else "", 0))
+        return sock.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_runs(root: str) -> None:
+    """Remove the run folders of supervisors that are gone (killed with -9: nobody else will)."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(root):
+            if not entry.startswith(RUN_PREFIX):
+                continue
+            pid = entry[len(RUN_PREFIX) :].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+                log.info("removed %s, left by a server that was killed", entry)
+
+
+def child_process(role: str, settings: Settings, parent: int, target: Callable[..., None], *args: Any) -> None:
+    """A child's entry point: die with the parent, leave SIGINT to the supervisor, log, run `target`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches the whole group: the supervisor decides
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s [{role}]: %(message)s"
+    )
+    target(settings, *args)
+
+
+def _engine_target(settings: Settings, socket_path: str, ready: Any) -> None:
+    from .engine.core import main
+
+    main(settings, socket_path, ready)
+
+
+def _frontend_target(settings: Settings, socket_path: str, port: int, index: int, count: int, ready: Any) -> None:
+    from .frontend.server import main
+
+    main(settings, socket_path, port, index, count, ready)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.frontend_count()
+        self.port = settings.grpc_port or _free_port(settings.host)
+        root = tempfile.gettempdir()
+        clean_stale_runs(root)
+        self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=root)
+        self.socket_path = os.path.join(self.run_dir, "engine.sock")
+        self.metrics_dir = os.path.join(self.run_dir, "metrics")
+        os.mkdir(self.metrics_dir)
+        os.environ[MULTIPROC_ENV] = self.metrics_dir  # the children inherit it: every Metrics writes files
+        self.context = multiprocessing.get_context("spawn")
+        self.engine: Any = None
+        self.frontends: list[Any] = [None] * self.count
+        self.stopping = 0  # signals received
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._signals: list[int] = []
+
+    # ---- children --------------------------------------------------------------------------------
+
+    def _spawn(self, role: str, target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=child_process,
+            args=(role, self.settings, os.getpid(), target, *args, send),
+            name=f"convserve-{role}",
+            daemon=True,
+        )
+        process.start()
+        send.close()
+        return process, receive
+
+    def _await_ready(self, process: Any, ready: Any, what: str) -> Any:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline and not self.stopping:
+            if ready.poll(0.1):
+                return ready.recv()
+            if not process.is_alive():
+                raise RuntimeError(f"{what} exited with {process.exitcode} while starting")
+            self._handle_signals()
+        raise RuntimeError(f"{what} did not start")
+
+    def start_engine(self) -> int:
+        self.engine, ready = self._spawn("engine", _engine_target, self.socket_path)
+        versions = self._await_ready(self.engine, ready, "the engine")
+        log.info("engine pid %d ready: %d model version(s)", self.engine.pid, versions)
+        return versions
+
+    def start_frontend(self, index: int, wait: bool = True) -> None:
+        process, ready = self._spawn(
+            f"frontend-{index}", _frontend_target, self.socket_path, self.port, index, self.count
+        )
+        self.frontends[index] = process
+        if wait:
+            self._await_ready(process, ready, f"front-end {index}")
+
+    # ---- signals ---------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: the engine rescans the repository")
+                if self.engine is not None and self.engine.is_alive():
+                    os.kill(self.engine.pid, signal.SIGHUP)
+                continue
+            self.stopping += 1
+            if self.stopping == 1:
+                log.info(
+                    "signal received: finishing in-flight requests (grace %.0f s; again to stop now)",
+                    self.settings.grace_period,
+                )
+            else:
+                log.warning("second signal: stopping now, cancelling what is in flight")
+            for process in self.frontends:  # the first drains, the second cancels
+                if process is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        metrics_server = None
+        try:
+            versions = self.start_engine()
+            for index in range(self.count):
+                self.start_frontend(index)
+            if self.settings.metrics_port:
+                metrics_server = self._serve_metrics()
+            print(
+                f"convserve: serving {versions} model version(s) on {self.settings.host}:{self.port} "
+                f"({self.count} front-end{'s' if self.count > 1 else ''}, one engine)",
+                flush=True,
+            )
+            self._watch()
+            return 0
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self._stop_all()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _watch(self) -> None:
+        """Until a stopping signal: restart whatever dies."""
+        while not self.stopping:
+            sentinels = [p.sentinel for p in [self.engine, *self.frontends] if p is not None]
+            multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
+            with contextlib.suppress(BlockingIOError):
+                self._wake_r.setblocking(False)
+                self._wake_r.recv(64)
+            self._handle_signals()
+            if self.stopping:
+                return
+            if not self.engine.is_alive():
+                log.error("the engine (pid %d) exited with %s: restarting it", self.engine.pid, self.engine.exitcode)
+                self._dead(self.engine)
+                try:
+                    self.start_engine()
+                except RuntimeError as exc:
+                    log.error("%s; trying again", exc)
+                    time.sleep(1.0)
+            for index, process in enumerate(self.frontends):
+                if process is not None and not process.is_alive():
+                    log.error(
+                        "front-end %d (pid %d) exited with %s: restarting it", index, process.pid, process.exitcode
+                    )
+                    self._dead(process)
+                    self.start_frontend(index, wait=False)
+
+    def _dead(self, process: Any) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(process.pid, self.metrics_dir)
+
+    def _stop_all(self) -> None:
+        """Front-ends first (they finish what is in flight), then the engine."""
+        deadline = time.monotonic() + self.settings.grace_period + 10.0
+        for process in self.frontends:
+            if process is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in self.frontends:
+            if process is not None:
+                while process.is_alive() and time.monotonic() < deadline:
+                    process.join(0.2)
+                    self._handle_signals()
+                if process.is_alive():
+                    process.kill()
+                process.join()
+        if self.engine is not None:
+            if self.engine.is_alive():
+                os.kill(self.engine.pid, signal.SIGTERM)
+            self.engine.join(self.settings.grace_period + 10.0)
+            if self.engine.is_alive():
+                self.engine.kill()
+                self.engine.join()
+
+    def _serve_metrics(self):
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        from .gpu_metrics import GpuCollector
+        from .metrics import serve_metrics
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)
+        registry.register(GpuCollector())  # the GPUs, read once for all processes
+        s = self.settings
+        token = s.auth_token if s.metrics_require_token else ""
+        server, _ = serve_metrics(registry, s.metrics_port, s.metrics_host or s.host, token)
+        return server
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM or SIGINT; the exit status."""
+    return Supervisor(settings).run()
