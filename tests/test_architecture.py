@@ -180,3 +180,25 @@ def test_python_dash_m_convserve_is_the_convserve_command():
     script = os.path.join(os.path.dirname(sys.executable), "convserve")
     assert result.returncode == 0 and "arithmetic" in result.stdout
     assert subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60).stdout == result.stdout
+
+
+def test_the_folders_show_the_processes():
+    """A front-end never reaches onnxruntime or the engine; the engine never reaches a front-end (nor
+    gRPC's servicers); what both share is the messages-and-arenas module and the plain common ones."""
+    modules = _modules()
+    edges = _imports(modules)
+
+    def imports_text(module):
+        with open(modules[module]) as handle:
+            return handle.read()
+
+    for module in edges:
+        if module.startswith("convserve.service.frontend"):
+            assert not any(t.startswith("convserve.service.engine") for t in edges[module]), module
+            assert not re.search(r"^\s*(import|from) onnxruntime", imports_text(module), re.M), module
+        if module.startswith("convserve.service.engine"):
+            assert not any(t.startswith("convserve.service.frontend") for t in edges[module]), module
+            assert "grpc_service_pb2_grpc" not in imports_text(module) and "grpc.aio" not in imports_text(module)
+    # the one shared module of messages and arenas
+    assert "convserve.service.ipc" in edges["convserve.service.engine.core"]
+    assert "convserve.service.ipc" in edges["convserve.service.frontend.engine_link"]

@@ -10,8 +10,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from convserve.cpus import available_cpus
+from convserve.service.engine.stats import VersionStats
 from convserve.service.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidInput
-from convserve.service.frontend.observe import Outcome, Recorder, Timings, VersionStats
+from convserve.service.frontend.observe import Outcome, Recorder, Timings
 from convserve.service.frontend.servicer import InferenceServicer, ServerState, rpc
 from convserve.service.metrics import Metrics
 from convserve.service.proto import grpc_service_pb2 as pb
@@ -24,21 +25,25 @@ def _text(metrics: Metrics) -> str:
 
 def test_one_outcome_feeds_metrics_and_statistics_alike():
     metrics = Metrics()
-    recorder = Recorder(metrics, lambda name: name == "digits")
-    stats = VersionStats()
+    stats = VersionStats()  # the engine's; the front-end sends it each record
+
+    def send_stat(model, version, record):
+        assert (model, version) == ("digits", 1)
+        stats.record_request(record)
+
+    recorder = Recorder(metrics, lambda name: name == "digits", send_stat)
     ok = Outcome(
         "ModelInfer",
         "digits",
         "1",
-        stats=stats,
         timings=Timings(queue_ns=2_000, preprocess_ns=5_000),
         feature_map_bytes=4096,
         seconds=0.003,
     )
     recorder.record(ok)
-    with pytest.raises(InvalidInput), recorder.observe(Outcome("ModelInfer", "digits", "1", stats=stats)):
+    with pytest.raises(InvalidInput), recorder.observe(Outcome("ModelInfer", "digits", "1")):
         raise InvalidInput("bad shape")  # refused before the queue: not the model's failure (as Triton)
-    with pytest.raises(DeadlineExceeded), recorder.observe(Outcome("ModelInfer", "digits", "1", stats=stats)) as late:
+    with pytest.raises(DeadlineExceeded), recorder.observe(Outcome("ModelInfer", "digits", "1")) as late:
         late.queued = True
         raise DeadlineExceeded("deadline passed while the request was queued")
     recorder.record(Outcome("ModelInfer", "no_such_model", code=grpc.StatusCode.NOT_FOUND))
@@ -101,7 +106,8 @@ def test_a_stream_that_is_not_read_is_not_read_from(monkeypatch):
             return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
     settings = Settings(max_stream_in_flight=4)
-    servicer = Servicer(None, None, settings, lambda: ServerState.READY, Recorder(Metrics(), lambda name: True), None)
+    recorder = Recorder(Metrics(), lambda name: True)
+    servicer = Servicer(None, None, None, settings, lambda: ServerState.READY, recorder)
 
     async def requests():
         for i in range(1000):

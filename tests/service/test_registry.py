@@ -4,16 +4,12 @@ import asyncio
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from convserve.models.export import export_checkpoint
+from convserve.service.engine.batcher import Job
 from convserve.service.engine.registry import ModelState, Registry
-from convserve.service.engine.shm import SystemSharedMemory
-from convserve.service.frontend.dataplane import DataPlane
-from convserve.service.frontend.observe import Outcome, Recorder
-from convserve.service.frontend.protocol import InferRequest
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
 
@@ -24,15 +20,9 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
     shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
 
     async def main():
-        metrics = Metrics()
-        registry = Registry(
-            Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000),
-            metrics,
-            Recorder(metrics, lambda name: True),
-        )
+        registry = Registry(Settings(repository=str(repository), max_batch_size=1, max_queue_size=1000), Metrics())
         await registry.scan()
-        plane = DataPlane(registry, ThreadPoolExecutor(2), SystemSharedMemory())
-        old = registry.resolve("digits")
+        old = registry.get("digits", 1)
         run = old.batcher._runner
 
         def slow_run(batch, names):  # keep version 1 busy while version 2 arrives
@@ -41,21 +31,18 @@ def test_in_flight_requests_finish_on_the_version_they_started_on(trained, tmp_p
 
         old.batcher._runner = slow_run
         x = np.zeros((1, 1, 32, 32), np.float32)
-        in_flight = [
-            asyncio.create_task(plane.infer(InferRequest("digits", "", str(i), array=x), Outcome("test")))
-            for i in range(200)
-        ]
+        in_flight = [old.batcher.submit(Job(x, frozenset({"logits"}))) for _ in range(200)]
         await asyncio.sleep(0.05)
         export_checkpoint(result.checkpoint, repository=str(repository), name="digits")
         await registry.scan()  # loads version 2, then retires version 1 once its queue is empty
         finished = await asyncio.gather(*in_flight)
-        after = await plane.infer(InferRequest("digits", "", "new", array=x), Outcome("test"))
+        served = [m.version for m in registry.served_versions("digits")]
         await registry.close()
-        return old, finished, after
+        return old, finished, served
 
-    old, finished, after = asyncio.run(main())
-    assert len(finished) == 200 and all(result.model_version == "1" for result in finished)
-    assert old.state is ModelState.UNAVAILABLE and after.model_version == "2"
+    old, finished, served = asyncio.run(main())
+    assert len(finished) == 200 and all(r.outputs["logits"].shape == (1, 10) for r in finished)
+    assert old.state is ModelState.UNAVAILABLE and served == [2]
 
 
 def test_intra_op_spinning_is_off_on_the_cpu_unless_asked_for(trained):
