@@ -18,17 +18,34 @@ that many concurrent asyncio gRPC callers, one image per request, for each case:
 Every server figure is printed as a ratio of the limit: throughput / in-process best-batch
 throughput, and p50 latency - in-process batch-1 latency. Client and server share the machine's
 cores: compare ratios from one run, not absolute numbers across runs.
+
+The load comes from perf_analyzer (C++, in tritonclient[grpc]'s wheel: `bin/perf_analyzer`) where it
+runs, for the cases it can send (input, image); a Python client is itself the ceiling on a few cores.
+It needs two libraries: Debian's `libb64-0d`, and `libcudart.so.12` from `pip install
+nvidia-cuda-runtime-cu12` (found in that package without setting LD_LIBRARY_PATH). Without them, and
+for the feature-map and shared-memory cases, an asyncio gRPC client in this process sends the load.
+
+Each row also gives the server's CPU per request: the CPU time of its whole process tree (supervisor,
+engine, front-ends) over the requests it answered, and that less in-process onnxruntime's CPU per image
+at its best batch: what serving costs beyond the model. With `--frontends 1,2,4` every case runs
+against a server with each front-end count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import importlib.util
 import io
+import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -56,12 +73,15 @@ class Measurement:
     seconds: float
     latencies_ms: list[float]
     batch_sizes: list[int] = field(default_factory=list)  # server only: the batches its requests ran in
+    quantiles: dict[float, float] = field(default_factory=dict)  # what perf_analyzer reports instead
 
     @property
     def throughput(self) -> float:
         return self.images / self.seconds
 
     def percentile(self, q: float) -> float:
+        if q in self.quantiles:
+            return self.quantiles[q]
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -74,6 +94,7 @@ class Limit:
     best_images_per_s: float
     batch1_p50_ms: float
     images_per_s_by_batch: dict[int, float]
+    best_cpu_ms_per_image: float = 0.0  # process CPU time per image at the best batch
 
 
 def _free_port() -> int:
@@ -85,21 +106,121 @@ def _free_port() -> int:
 def in_process_limit(runtime: ModelRuntime, x: np.ndarray, outputs: list[str], max_batch: int, seconds: float) -> Limit:
     """Run batches of 1, 2, 4 ... max_batch copies of x (1, C, H, W) back to back, seconds/steps each."""
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch]
-    by_batch, batch1_ms = {}, float("nan")
+    by_batch, cpu_by_batch, batch1_ms = {}, {}, float("nan")
     for size in sizes:
         batch = np.ascontiguousarray(np.repeat(x, size, axis=0))
         runtime.run(batch, outputs)  # warm
         latencies: list[float] = []
         stop_at = time.perf_counter() + seconds / len(sizes)
+        cpu_started = time.process_time()
         while time.perf_counter() < stop_at or len(latencies) < 3:
             started = time.perf_counter()
             runtime.run(batch, outputs)
             latencies.append(time.perf_counter() - started)
+        cpu_by_batch[size] = (time.process_time() - cpu_started) * 1000 / (size * len(latencies))
         by_batch[size] = size / statistics.fmean(latencies)
         if size == 1:
             batch1_ms = statistics.median(latencies) * 1000
     best = max(by_batch, key=by_batch.__getitem__)
-    return Limit(best, by_batch[best], batch1_ms, by_batch)
+    return Limit(best, by_batch[best], batch1_ms, by_batch, cpu_by_batch[best])
+
+
+# ---- the server's CPU -------------------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending += [int(child) for child in handle.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def _answered(url: str, model: str) -> int:
+    """Requests the server has answered for `model` (ModelStatistics: the engine counts all front-ends)."""
+    with grpc.insecure_channel(url) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10
+        )
+    return sum(m.inference_stats.success.count for m in stats.model_stats)
+
+
+# ---- perf_analyzer ----------------------------------------------------------------------------------
+
+
+def perf_analyzer() -> tuple[str, dict[str, str]] | None:
+    """(path, environment) of a perf_analyzer that starts here, or None."""
+    path = shutil.which("perf_analyzer") or os.path.join(os.path.dirname(sys.executable), "perf_analyzer")
+    if not os.path.exists(path):
+        return None
+    env = dict(os.environ)
+    # libcudart.so.12 from the pip package nvidia-cuda-runtime-cu12, where it is installed (optional:
+    # a benchmark tool's library, not a dependency of the server)
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        lib = os.path.join(next(iter(spec.submodule_search_locations)), "lib")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH", "")) if p)
+    try:
+        probe = subprocess.run([path, "--help"], capture_output=True, text=True, env=env, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "error while loading shared libraries" in probe.stderr:
+        return None
+    return path, env
+
+
+_PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
+
+
+def _over_perf_analyzer(
+    tool: tuple[str, dict[str, str]], url: str, model: str, data: dict, clients: int, seconds: float
+) -> Measurement:
+    """perf_analyzer at `clients` concurrent requests; its p50 latency, its throughput."""
+    path, env = tool
+    with tempfile.TemporaryDirectory() as folder:
+        data_file = os.path.join(folder, "input.json")
+        with open(data_file, "w") as handle:
+            json.dump({"data": [data]}, handle)
+        command = [
+            path,
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            "grpc",
+            "--concurrency-range",
+            str(clients),
+            "--input-data",
+            data_file,
+            "--measurement-interval",
+            str(int(seconds * 1000)),
+            "--percentile",
+            "50",
+            "--max-threads",
+            str(max(4, min(clients, 16))),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds * 20 + 120)
+    found = _PA_LINE.search(result.stdout)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"perf_analyzer failed: {(result.stdout + result.stderr)[-2000:]}")
+    throughput, p50_ms = float(found.group(2)), int(found.group(3)) / 1000
+    p99 = re.search(r"p99 latency: (\d+) usec", result.stdout)
+    quantiles = {0.5: p50_ms, 0.99: int(p99.group(1)) / 1000 if p99 else float("nan")}
+    return Measurement(int(throughput * seconds), seconds, [], [], quantiles)
 
 
 async def _over_grpc(url: str, requests: Sequence[pb.ModelInferRequest], seconds: float) -> Measurement:
@@ -191,6 +312,8 @@ def run(
     cases: Sequence[str] = CASES,
     server_args: Sequence[str] = (),
     progress: Callable[[str], None] = lambda line: None,
+    frontends_list: Sequence[int] = (1,),
+    driver: str = "auto",
 ) -> dict:
     """Measure; returns {"model", "provider", "limits": {output set: Limit}, "rows": [...]}."""
     folder = version_dir(repository, model, versions(os.path.join(repository, model))[-1])
@@ -217,9 +340,71 @@ def run(
     runtime.close()
     del runtime  # its threads would compete with the server's
 
-    port = _free_port()
-    url = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
+    tool = perf_analyzer() if driver != "python" else None
+    if driver == "perf_analyzer" and tool is None:
+        raise RuntimeError("perf_analyzer does not start here: see `convserve bench --help` for its two libraries")
+    output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
+    pa_data = {
+        "input": {"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}},
+        "image": {"image": {"content": [{"b64": base64.b64encode(png).decode()}], "shape": [1]}},
+    }
+    rows = []
+    for frontends in frontends_list:
+        port = _free_port()
+        url = f"127.0.0.1:{port}"
+        server = _start_server(repository, port, ["--frontends", str(frontends), *server_args])
+        try:
+            wait_until_ready(url, server)
+            for case in cases:
+                outputs = fmaps if "fmaps" in case else _DEFAULT_OUTPUTS
+                limit = limits["fmaps" if "fmaps" in case else "logits"]
+                for clients in clients_list:
+                    by = "perf_analyzer" if tool is not None and case in pa_data else "python"
+                    progress(f"server ({frontends} front-ends): {case}, {clients} clients, {by} ...")
+                    answered, cpu = _answered(url, model), tree_cpu_seconds(server.pid)
+                    if by == "perf_analyzer":
+                        assert tool is not None
+                        measured = _over_perf_analyzer(tool, url, model, pa_data[case], clients, seconds)
+                    else:
+                        measured = _over_python(url, model, case, clients, seconds, x, png, outputs, output_bytes, card)
+                    cpu = tree_cpu_seconds(server.pid) - cpu
+                    answered = _answered(url, model) - answered
+                    cpu_ms = cpu * 1000 / answered if answered else float("nan")
+                    batches = measured.batch_sizes
+                    rows.append(
+                        {
+                            "frontends": frontends,
+                            "case": case,
+                            "clients": clients,
+                            "driver": by,
+                            "outputs": outputs,
+                            "server_images_per_s": measured.throughput,
+                            "throughput_ratio": measured.throughput / limit.best_images_per_s,
+                            "server_p50_ms": measured.percentile(0.5),
+                            "server_p99_ms": measured.percentile(0.99),
+                            "added_p50_ms": measured.percentile(0.5) - limit.batch1_p50_ms,
+                            "latency_ratio": measured.percentile(0.5) / limit.batch1_p50_ms,
+                            "server_mean_batch": statistics.fmean(batches) if batches else 0.0,
+                            "requests": answered,
+                            "server_cpu_ms_per_request": cpu_ms,
+                            "beyond_model_cpu_ms": cpu_ms - limit.best_cpu_ms_per_image,
+                        }
+                    )
+        finally:
+            server.terminate()
+            server.wait(60)
+    return {
+        "model": model,
+        "provider": provider,
+        "seconds": seconds,
+        "limits": {k: vars(v) for k, v in limits.items()},
+        "driver": "perf_analyzer" if tool is not None else "python",
+        "rows": rows,
+    }
+
+
+def _start_server(repository: str, port: int, args: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -235,61 +420,40 @@ def run(
             "0",
             "--log-level",
             "WARNING",
-            *server_args,
+            *args,
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
     )
-    output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
-    rows = []
+
+
+def _over_python(
+    url: str,
+    model: str,
+    case: str,
+    clients: int,
+    seconds: float,
+    x: np.ndarray,
+    png: bytes,
+    outputs: list[str],
+    output_bytes: dict[str, int],
+    card: ModelCard,
+) -> Measurement:
+    pairs = _ShmPairs(url, x, output_bytes) if case.startswith("shm") else None
     try:
-        wait_until_ready(url, server)
-        for case in cases:
-            outputs = fmaps if "fmaps" in case else _DEFAULT_OUTPUTS
-            limit = limits["fmaps" if "fmaps" in case else "logits"]
-            for clients in clients_list:
-                progress(f"server: {case}, {clients} clients ...")
-                pairs = _ShmPairs(url, x, output_bytes) if case.startswith("shm") else None
-                try:
-                    if pairs is not None:
-                        requests = pairs.requests(model, outputs, clients)
-                    else:
-                        half = card.feature_map_names if case == "fmaps-fp16" else ()
-                        one = (
-                            build_request(model, images=[png], outputs=outputs)
-                            if case == "image"
-                            else build_request(model, array=x, outputs=outputs, fp16=half)
-                        )
-                        requests = [one] * clients
-                    measured = asyncio.run(_over_grpc(url, requests, seconds))
-                finally:
-                    if pairs is not None:
-                        pairs.close()
-                rows.append(
-                    {
-                        "case": case,
-                        "clients": clients,
-                        "outputs": outputs,
-                        "server_images_per_s": measured.throughput,
-                        "throughput_ratio": measured.throughput / limit.best_images_per_s,
-                        "server_p50_ms": measured.percentile(0.5),
-                        "server_p99_ms": measured.percentile(0.99),
-                        "added_p50_ms": measured.percentile(0.5) - limit.batch1_p50_ms,
-                        "latency_ratio": measured.percentile(0.5) / limit.batch1_p50_ms,
-                        "server_mean_batch": statistics.fmean(measured.batch_sizes) if measured.batch_sizes else 0.0,
-                        "requests": len(measured.latencies_ms),
-                    }
-                )
+        if pairs is not None:
+            requests = pairs.requests(model, outputs, clients)
+        else:
+            half = card.feature_map_names if case == "fmaps-fp16" else ()
+            one = (
+                build_request(model, images=[png], outputs=outputs)
+                if case == "image"
+                else build_request(model, array=x, outputs=outputs, fp16=half)
+            )
+            requests = [one] * clients
+        return asyncio.run(_over_grpc(url, requests, seconds))
     finally:
-        server.terminate()
-        server.wait(60)
-    return {
-        "model": model,
-        "provider": provider,
-        "seconds": seconds,
-        "limits": {k: vars(v) for k, v in limits.items()},
-        "rows": rows,
-    }
+        if pairs is not None:
+            pairs.close()
 
 
 def format_report(report: dict) -> str:
@@ -298,17 +462,19 @@ def format_report(report: dict) -> str:
         by_batch = ", ".join(f"b{b}: {v:.0f}" for b, v in limit["images_per_s_by_batch"].items())
         lines.append(
             f"  {key:<7} best batch {limit['best_batch']:>3}: {limit['best_images_per_s']:8.1f} img/s; "
-            f"batch 1 p50 {limit['batch1_p50_ms']:.2f} ms   ({by_batch})"
+            f"batch 1 p50 {limit['batch1_p50_ms']:.2f} ms; CPU {limit['best_cpu_ms_per_image']:.3f} ms per image "
+            f"at the best batch   ({by_batch})"
         )
     header = (
-        f"{'case':<11} {'clients':>7} {'server img/s':>13} {'× best batch':>13} {'p50 ms':>8} "
-        f"{'p50 - b1 ms':>12} {'p99 ms':>8} {'mean batch':>10}"
+        f"{'fe':>2} {'case':<11} {'clients':>7} {'driver':<13} {'server img/s':>13} {'× best batch':>13} "
+        f"{'p50 ms':>8} {'p50 - b1 ms':>12} {'p99 ms':>8} {'CPU ms/req':>10} {'beyond model':>12}"
     )
     lines += ["", header, "-" * len(header)]
     for r in report["rows"]:
         lines.append(
-            f"{r['case']:<11} {r['clients']:>7} {r['server_images_per_s']:>13.1f} {r['throughput_ratio']:>13.2f} "
+            f"{r['frontends']:>2} {r['case']:<11} {r['clients']:>7} {r['driver']:<13} "
+            f"{r['server_images_per_s']:>13.1f} {r['throughput_ratio']:>13.2f} "
             f"{r['server_p50_ms']:>8.2f} {r['added_p50_ms']:>+12.2f} {r['server_p99_ms']:>8.2f} "
-            f"{r['server_mean_batch']:>10.1f}"
+            f"{r['server_cpu_ms_per_request']:>10.3f} {r['beyond_model_cpu_ms']:>12.3f}"
         )
     return "\n".join(lines)

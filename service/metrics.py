@@ -63,9 +63,10 @@ class _QueueDepth(Collector):
 class Metrics:
     """Every convserve metric, in one registry of its own.
 
-    Under `--workers N` (PROMETHEUS_MULTIPROC_DIR set) every worker writes its values to files that
-    the supervisor aggregates: gauges say how (livesum: added over live workers), and the queue
-    depth, read at scrape time in a lone server, is refreshed by the worker instead (`refresh`).
+    Under `convserve serve` (PROMETHEUS_MULTIPROC_DIR set by the supervisor) the engine and every
+    front-end write their values to files that the supervisor aggregates into one /metrics: gauges
+    say how (livesum: added over live processes), and the queue depth, read at scrape time where one
+    process serves its own registry (tests), is refreshed by the engine instead (`refresh`).
     """
 
     def __init__(self) -> None:
@@ -142,7 +143,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        if not self.multiprocess:  # under --workers the supervisor reads the GPUs once for all
+        if not self.multiprocess:  # under the supervisor, it reads the GPUs once for all
             r.register(GpuCollector())
 
     def read_queue_depth_from(self, source: Callable[[], Mapping[str, int]]) -> None:

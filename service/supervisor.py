@@ -201,6 +201,7 @@ class Supervisor:
             if metrics_server is not None:
                 metrics_server.shutdown()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            log.info("stopped")
 
     def _watch(self) -> None:
         """Until a stopping signal: restart whatever dies."""
@@ -237,9 +238,10 @@ class Supervisor:
     def _stop_all(self) -> None:
         """Front-ends first (they finish what is in flight), then the engine."""
         deadline = time.monotonic() + self.settings.grace_period + 10.0
-        for process in self.frontends:
-            if process is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
+        if not self.stopping:  # a signal already told them (a second SIGTERM would cancel their requests)
+            for process in self.frontends:
+                if process is not None and process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
         for process in self.frontends:
             if process is not None:
                 while process.is_alive() and time.monotonic() < deadline:

@@ -126,6 +126,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the report as JSON to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--server-arg", action="append", default=[], help="an extra `convserve serve` flag (repeatable)")
+    p.add_argument("--frontends", default="1", help="comma list of front-end counts: each case runs against each")
+    p.add_argument(
+        "--driver",
+        choices=("auto", "perf_analyzer", "python"),
+        default="auto",
+        help="who sends the load: perf_analyzer (tritonclient's wheel; needs Debian's libb64-0d and "
+        "`pip install nvidia-cuda-runtime-cu12`) where it starts, else the Python client (auto)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -143,6 +151,12 @@ def _bench(args: argparse.Namespace) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or set(cases) - set(CASES):
         raise UsageError(f"--cases takes {', '.join(CASES)}")
+    try:
+        frontends = [int(c) for c in args.frontends.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError("--frontends must be a comma list of integers") from None
+    if not frontends or min(frontends) < 1:
+        raise UsageError("--frontends must be positive integers")
     if not versions(os.path.join(args.repository, args.model)):
         raise UsageError(f"no model {args.model!r} in {args.repository!r}")
     report = run(
@@ -153,6 +167,8 @@ def _bench(args: argparse.Namespace) -> int:
         cases,
         args.server_arg,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        frontends_list=frontends,
+        driver=args.driver,
     )
     if args.json_out:
         with open(args.json_out, "w") as handle:

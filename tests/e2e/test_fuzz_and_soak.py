@@ -2,6 +2,7 @@
 answering correctly; a bounded soak answers every request without growing."""
 
 import asyncio
+import os
 import time
 
 import grpc
@@ -91,8 +92,16 @@ def test_random_requests_get_defined_answers_and_the_server_stays_correct(server
 
 
 def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    """RSS of the server's whole process tree: supervisor, engine, front-ends."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        with open(f"/proc/{current}/status") as handle:
+            total += next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+        for task in os.listdir(f"/proc/{current}/task"):
+            with open(f"/proc/{current}/task/{task}/children") as handle:
+                pending += [int(child) for child in handle.read().split()]
+    return total
 
 
 def test_soak_32_clients_every_request_answered_and_memory_flat(own_repository):
