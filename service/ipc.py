@@ -36,7 +36,8 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import numpy as np
@@ -155,6 +156,51 @@ class Link:
         if not self.closed:
             self.closed = True
             self._writer.close()
+
+
+class BlockingLink:
+    """The engine's end of a socket: plain blocking I/O from threads (a reader thread per front-end;
+    answers leave from whichever thread has them, one write per batch, under a lock)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def send(self, messages: list[Message]) -> None:
+        data = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with self._lock:
+                self._sock.sendall(_LENGTH.pack(len(data)) + data)
+        except OSError:  # the front-end went: its reader thread sees the end and cleans up
+            self.closed = True
+
+    def messages(self) -> Iterator[list[Message]]:
+        """Each frame's messages, until the other end goes."""
+        buffer = bytearray()
+        while True:
+            while len(buffer) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(buffer)
+                if len(buffer) < _LENGTH.size + length:
+                    break
+                frame = bytes(buffer[_LENGTH.size : _LENGTH.size + length])
+                del buffer[: _LENGTH.size + length]
+                yield pickle.loads(frame)
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                return
+            buffer += chunk
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
 
 
 # ---- the handshake: the front-end's arena travels once, as a file descriptor -----------------------

@@ -17,16 +17,17 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, Optional
 
 import numpy as np
 
 from ..errors import InvalidInput, ServingError, Unimplemented, status_of
-from ..ipc import DTYPES, Arena, Link, Message, receive_hello
+from ..ipc import DTYPES, Arena, BlockingLink, Message, receive_hello
 from ..metrics import Metrics
 from ..settings import Settings
-from .batcher import Job
+from .batcher import Batcher, BatchResult, Job
 from .registry import ModelVersion, Registry
 from .shm import SystemSharedMemory
 
@@ -42,49 +43,63 @@ def _deliver(writes: list[Write], outputs: dict[str, np.ndarray]) -> None:
 
 
 class Frontend:
-    """One connected front-end: its link, its arena (mapped here too), its requests in progress."""
+    """One connected front-end: its link, its arena (mapped here too), its requests in progress.
 
-    def __init__(self, engine: Engine, link: Link, arena: Arena, hello: dict[str, Any]) -> None:
+    Its reader thread turns each message into work at once: an inference goes straight into its
+    model's batcher (no event loop on the way); control calls go to the engine's event loop. It is
+    also the batchers' sink for its requests: the answers of one batch leave in one write."""
+
+    def __init__(self, engine: Engine, link: BlockingLink, arena: Arena, hello: dict[str, Any]) -> None:
         self.engine = engine
         self.link = link
         self.arena = arena
         self.name = f"front-end {hello.get('index', '?')} (pid {hello.get('pid', '?')})"
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[int, tuple[Job, Batcher]] = {}
+        self._outbox: list[Message] = []
+        self._lock = threading.Lock()
 
-    def dispatch(self, message: Message) -> None:
-        kind = message[0]
-        if kind == "infer":
-            self._infer(*message[1:])
-        elif kind == "cancel":
-            job = self.jobs.get(message[1])
-            if job is not None and not job.taken:  # a running job finishes: its block is written
-                job.future.cancel()
-        elif kind == "stat":
-            _, name, version, record = message
-            model = self.engine.registry.served(name, version)
-            if model is not None:
-                model.stats.record_request(record)
-        elif kind == "call":
-            self.engine.in_background(self._call(message[1], message[2], message[3]))
-        else:
-            log.error("%s sent an unknown message %r", self.name, kind)
+    # ---- the reader thread -----------------------------------------------------------------------
 
-    # ---- inference -------------------------------------------------------------------------------
+    def read(self) -> None:
+        """Until the front-end goes (in its own thread)."""
+        for messages in self.link.messages():
+            for message in messages:
+                kind = message[0]
+                if kind == "infer":
+                    self._infer(*message[1:])
+                elif kind == "cancel":
+                    self._cancel(message[1])
+                elif kind == "stat":
+                    _, name, version, record = message
+                    model = self.engine.registry.served(name, version)
+                    if model is not None:
+                        model.stats.record_request(record)
+                elif kind == "call":
+                    self.engine.call_soon(self._call(message[1], message[2], message[3]))
+                else:
+                    log.error("%s sent an unknown message %r", self.name, kind)
+            self.flush()
 
     def _infer(self, rid: int, name: str, version: int, source: tuple, shape: tuple, outputs: list, deadline) -> None:
         try:
             model = self.engine.registry.get(name, version)
             inputs = self._source(source, shape)
             writes = [(self._destination(model, out, dest, shape[0]), out) for out, dest in outputs]
-            job = Job(inputs, frozenset(out for out, _ in outputs), deadline)
+            job = Job(inputs, frozenset(out for out, _ in outputs), deadline, sink=self, tag=rid)
             job.deliver = functools.partial(_deliver, writes)
-            assert model.batcher is not None
-            future = model.batcher.submit(job)
+            batcher = model.batcher
+            assert batcher is not None
+            self.jobs[rid] = (job, batcher)
+            batcher.put(job)
         except Exception as exc:
-            self._failed(rid, exc)
-            return
-        self.jobs[rid] = job
-        future.add_done_callback(functools.partial(self._finished, rid))
+            self.jobs.pop(rid, None)
+            self._answer(rid, exc)
+
+    def _cancel(self, rid: int) -> None:
+        entry = self.jobs.get(rid)
+        if entry is not None and entry[1].cancel(entry[0]):  # not started: it never will
+            self.jobs.pop(rid, None)
+            self._post(("failed", rid, "CANCELLED", "cancelled", ""))
 
     def _source(self, source: tuple, shape: tuple) -> np.ndarray:
         if source[0] == "arena":
@@ -108,23 +123,36 @@ class Frontend:
             raise InvalidInput(f"{what} needs {size} bytes; its shared-memory window has {byte_size}")
         return np.frombuffer(self.engine.shm.view(region, offset, size, what), dtype=dtype).reshape(shape)
 
-    def _finished(self, rid: int, future: asyncio.Future) -> None:
-        self.jobs.pop(rid, None)
-        if future.cancelled():
-            self.link.send(("failed", rid, "CANCELLED", "cancelled", ""))
-        elif (error := future.exception()) is not None:
-            self._failed(rid, error)
-        else:
-            result = future.result()
-            self.link.send(("done", rid, result.queue_ns, result.compute_ns, result.batch_size))
+    # ---- answers (the sink of its jobs, called from the batchers' worker threads) -----------------
 
-    def _failed(self, rid: int, error: BaseException) -> None:
+    def put(self, job: Job, result: Optional[BatchResult], error: Optional[BaseException]) -> None:
+        rid = job.tag
+        assert isinstance(rid, int)
+        self.jobs.pop(rid, None)
+        if result is not None:
+            self._post(("done", rid, result.queue_ns, result.compute_ns, result.batch_size))
+        elif error is None:
+            self._post(("failed", rid, "CANCELLED", "cancelled", ""))
+        else:
+            self._answer(rid, error)
+
+    def flush(self) -> None:
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+        if outbox:
+            self.link.send(outbox)
+
+    def _post(self, message: Message) -> None:
+        with self._lock:
+            self._outbox.append(message)
+
+    def _answer(self, rid: int, error: BaseException) -> None:
         code, message = status_of(error)
         if not isinstance(error, ServingError):
             log.error("request from %s failed", self.name, exc_info=error)
-        self.link.send(("failed", rid, code.name, message, getattr(error, "limit", "")))
+        self._post(("failed", rid, code.name, message, getattr(error, "limit", "")))
 
-    # ---- control calls ---------------------------------------------------------------------------
+    # ---- control calls (on the engine's event loop) ----------------------------------------------
 
     async def _call(self, cid: int, method: str, args: tuple) -> None:
         try:
@@ -133,15 +161,16 @@ class Frontend:
             code, message = status_of(exc)
             if not isinstance(exc, ServingError):
                 log.error("%s from %s failed", method, self.name, exc_info=exc)
-            self.link.send(("refused", cid, code.name, message, getattr(exc, "limit", "")))
+            self.link.send([("refused", cid, code.name, message, getattr(exc, "limit", ""))])
             return
-        self.link.send(("reply", cid, value))
+        self.link.send([("reply", cid, value)])
 
     def detach(self) -> None:
         """The front-end went: drop what it queued (what runs finishes into the arena, then it goes)."""
-        for job in list(self.jobs.values()):
-            if not job.taken:
-                job.future.cancel()
+        for job, batcher in list(self.jobs.values()):
+            batcher.cancel(job)
+        self.jobs.clear()
+        self.link.close()
         self.arena.close()
 
 
@@ -155,6 +184,7 @@ class Engine:
         self.shm = SystemSharedMemory()
         self.frontends: set[Frontend] = set()
         self._background: set[asyncio.Future] = set()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -173,8 +203,13 @@ class Engine:
     async def _models_changed(self) -> None:
         if self.frontends:
             table = await self.models()
-            for frontend in self.frontends:
-                frontend.link.send(("models", table))
+            for frontend in list(self.frontends):
+                frontend.link.send([("models", table)])
+
+    def call_soon(self, work) -> None:
+        """From a reader thread: run a coroutine on the engine's event loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.in_background, work)
 
     async def call(self, method: str, *args) -> Any:
         """The control calls front-ends forward; plain data in, plain data out."""
@@ -189,7 +224,7 @@ class Engine:
         if method == "statistics":
             name, version = args
             return [
-                {"name": m.name, "version": m.version, **vars(m.stats)}
+                {"name": m.name, "version": m.version, **vars(m.stats), "batches": dict(m.stats.batches)}
                 for m in self.registry.served_versions(name)
                 if version is None or m.version == version
             ]
@@ -217,18 +252,26 @@ class Engine:
         try:
             conn.setblocking(True)
             hello, arena = await asyncio.to_thread(receive_hello, conn)
-            conn.setblocking(False)
         except (OSError, ValueError, EOFError) as exc:
             log.warning("a front-end's connection failed before its hello: %s", exc)
             conn.close()
             return
-        reader, writer = await asyncio.open_unix_connection(sock=conn)
-        frontend = Frontend(self, Link(reader, writer), arena, hello)
+        frontend = Frontend(self, BlockingLink(conn), arena, hello)
         self.frontends.add(frontend)
         log.info("%s connected", frontend.name)
-        frontend.link.send(("models", await self.models()))
+        frontend.link.send([("models", await self.models())])
+        loop, ended = asyncio.get_running_loop(), asyncio.Event()
+
+        def read() -> None:  # a thread of its own: the default pool's few threads are for disk scans
+            try:
+                frontend.read()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the engine is exiting
+                    loop.call_soon_threadsafe(ended.set)
+
+        threading.Thread(target=read, name=f"reader-{hello.get('index', '?')}", daemon=True).start()
         try:
-            await frontend.link.serve(frontend.dispatch)
+            await ended.wait()
         finally:
             self.frontends.discard(frontend)
             frontend.detach()
@@ -238,7 +281,7 @@ class Engine:
 
     async def run(self, ready: Callable[[int], None]) -> None:
         """Load the repository, then take front-ends until SIGTERM; `ready(versions)` once loaded."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.rescan()))

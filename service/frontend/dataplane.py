@@ -31,11 +31,12 @@ from .postprocess import serialize_bytes, to_wire, top_k
 from .preprocess import ImageDecodeError, decode_all, open_checked
 from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 
-# Work this small (converting a digit model's logits, decoding a few small images) takes
-# microseconds: done inline, since a hop to a thread costs more. Anything bigger goes to the codec
-# executor, so the event loop never stalls on it. Images are sized by the pixels their headers
-# claim, not by their encoded bytes (a 6 KB PNG can hold 100 million pixels).
-INLINE_BYTES = 64 * 1024
+# Work this small (a digit model's five feature maps are 344 KB: one memcpy of about 50 µs; decoding a
+# few small images) is done inline, since a hop to a thread costs more (measured with perf_analyzer at
+# one client: the hop for 344 KB answers cost the front-end more CPU than the copy). Anything bigger goes
+# to the codec executor, so the event loop never stalls long on it. Images are sized by the pixels their
+# headers claim, not by their encoded bytes (a 6 KB PNG can hold 100 million pixels).
+INLINE_BYTES = 1024 * 1024
 INLINE_PIXELS = 64 * 64 * 8
 
 
