@@ -331,7 +331,17 @@ def run(
     settings = Settings()
     runtime = ModelRuntime(os.path.join(folder, MODEL_FILE), settings)
     output_sets = {"logits": _DEFAULT_OUTPUTS, "fmaps": fmaps}
-    wanted_sets = {"fmaps" if "fmaps" in case else "logits" for case in cases}
+    tool = perf_analyzer() if driver != "python" else None
+    if driver == "perf_analyzer" and tool is None:
+        raise RuntimeError("perf_analyzer does not start here: see `convserve bench --help` for its two libraries")
+    by_pa = {"input", "image"} if tool is not None else set()
+
+    def output_set(case: str) -> str:
+        # perf_analyzer asks for every output the model declares: all five feature maps come back, so
+        # its rows are measured against in-process onnxruntime computing the same outputs
+        return "fmaps" if "fmaps" in case or case in by_pa else "logits"
+
+    wanted_sets = {output_set(case) for case in cases}
     limits = {}
     for key in sorted(wanted_sets):
         progress(f"in-process limit for {key} ...")
@@ -340,9 +350,6 @@ def run(
     runtime.close()
     del runtime  # its threads would compete with the server's
 
-    tool = perf_analyzer() if driver != "python" else None
-    if driver == "perf_analyzer" and tool is None:
-        raise RuntimeError("perf_analyzer does not start here: see `convserve bench --help` for its two libraries")
     output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
     pa_data = {
         "input": {"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}},
@@ -356,10 +363,10 @@ def run(
         try:
             wait_until_ready(url, server)
             for case in cases:
-                outputs = fmaps if "fmaps" in case else _DEFAULT_OUTPUTS
-                limit = limits["fmaps" if "fmaps" in case else "logits"]
+                outputs = fmaps if output_set(case) == "fmaps" else _DEFAULT_OUTPUTS
+                limit = limits[output_set(case)]
                 for clients in clients_list:
-                    by = "perf_analyzer" if tool is not None and case in pa_data else "python"
+                    by = "perf_analyzer" if case in by_pa else "python"
                     progress(f"server ({frontends} front-ends): {case}, {clients} clients, {by} ...")
                     answered, cpu = _answered(url, model), tree_cpu_seconds(server.pid)
                     if by == "perf_analyzer":

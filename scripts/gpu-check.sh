@@ -126,7 +126,8 @@ python3 -m convserve bench --repository /tmp/bench --model alexnet --clients "$C
 fi
 
 # the server's own CPU threads: onnxruntime's intra-op pool (spinning by default with a GPU provider)
-# competes with gRPC and the event loop; several worker processes lift the one-event-loop ceiling
+# competes with gRPC and the event loop; front-end processes (one engine, one model copy) lift the
+# one-event-loop ceiling
 config() {
     local label=$1 cases=$2; shift 2
     step "server configuration: $label"
@@ -135,7 +136,8 @@ config() {
 }
 config defaults input,shm
 config intra1-nospin input,shm --intra-op-threads=1 --intra-op-spinning=off
-# shared-memory regions live in the worker that registered them: the benchmark's separate channels
-# may reach different workers, so only `input` here
-config intra1-nospin-workers4 input --intra-op-threads=1 --intra-op-spinning=off --workers=4
+# regions are the engine's: any front-end serves them
+for fe in 1 2 4 8; do
+    config "intra1-nospin-frontends$fe" input,shm --intra-op-threads=1 --intra-op-spinning=off --frontends=$fe
+done
 step done

@@ -1,0 +1,64 @@
+"""perf_analyzer (C++, from tritonclient's wheel) drives `convserve serve` at one and two front-ends,
+and checks every answer itself against in-process onnxruntime's (its validation_data: all outputs,
+bit for bit, while requests from concurrent streams are batched together)."""
+
+import json
+import subprocess
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from convserve.bench import perf_analyzer
+
+from .conftest import RunningServer
+
+TOOL = perf_analyzer()
+
+
+@pytest.mark.skipif(TOOL is None, reason="perf_analyzer needs Debian's libb64-0d and nvidia-cuda-runtime-cu12")
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(served_repository, tmp_path, frontends):
+    assert TOOL is not None
+    model = served_repository / "digits" / "1" / "model.onnx"
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    x = np.random.default_rng(7).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    expected = session.run(names, {"input": x})
+    data = {
+        "data": [{"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}}],
+        # perf_analyzer asks for every output the model declares, and compares each one it is given
+        "validation_data": [
+            {n: {"content": v[0].ravel().tolist(), "shape": list(v.shape[1:])} for n, v in zip(names, expected)}
+        ],
+    }
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    server = RunningServer(served_repository, "--frontends", frontends)
+    try:
+        result = subprocess.run(
+            [
+                TOOL[0],
+                "-m",
+                "digits",
+                "-u",
+                server.url,
+                "-i",
+                "grpc",
+                "--concurrency-range",
+                "4",
+                "--input-data",
+                str(path),
+                "--measurement-interval",
+                "1000",
+            ],
+            capture_output=True,
+            text=True,
+            env=TOOL[1],
+            timeout=240,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-3000:]
+        assert "had error" not in output and "Concurrency: 4, throughput:" in output, output[-3000:]
+    finally:
+        assert server.stop() == 0, server.output()
