@@ -47,6 +47,7 @@ class EngineLink:
         self._connected = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
         self._pending_link: Optional[Link] = None  # connected, its first table not yet read
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -59,6 +60,7 @@ class EngineLink:
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def close(self) -> None:
+        self._closing = True  # the front-end is stopping: losing the engine now is no news
         if self._task is not None:
             self._task.cancel()
         if self._link is not None:
@@ -146,7 +148,7 @@ class EngineLink:
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(error)
-        if was:
+        if was and not self._closing:
             log.warning("front-end %d lost the engine: answering UNAVAILABLE until it is back", self.index)
             self._on_connected(False)
 
