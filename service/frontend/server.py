@@ -25,7 +25,6 @@ from ..ipc import Arena
 from ..metrics import Metrics
 from ..proto import POOL
 from ..proto import grpc_service_pb2 as pb
-from ..proto import grpc_service_pb2_grpc as pb_grpc
 from ..proto import introspection_pb2 as ipb
 from ..proto import introspection_pb2_grpc as ipb_grpc
 from ..settings import Settings
@@ -37,7 +36,7 @@ from .limits import cards_on_disk, message_limits, needed
 from .models import ModelTable
 from .observe import Recorder
 from .preprocess import blank_png, preprocess_encoded
-from .servicer import InferenceServicer, ServerState
+from .servicer import InferenceServicer, ServerState, add_to_server
 
 log = logging.getLogger("convserve.frontend")
 
@@ -143,7 +142,7 @@ class Frontend:
         ]
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        add_to_server(
             InferenceServicer(
                 self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
             ),

@@ -33,7 +33,14 @@ from .dataplane import DataPlane
 from .engine_link import EngineLink
 from .models import ModelTable
 from .observe import Outcome, Recorder, log_settings, set_log_settings
-from .protocol import build_infer_response, parse_infer_request
+from .protocol import (
+    InferRequest,
+    InferResult,
+    build_infer_response,
+    encode_infer_response,
+    parse_infer_request,
+    serialize_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -346,18 +353,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------------
 
-    async def _infer(
+    async def _run(
         self, request: pb.ModelInferRequest, outcome: Outcome, deadline: Optional[float]
-    ) -> pb.ModelInferResponse:
+    ) -> tuple[InferRequest, InferResult]:
         if self.server_state() is ServerState.STOPPING:
             raise ShuttingDown("the server is shutting down")
         parsed = parse_infer_request(request, self.settings.max_batch_size)
-        result = await self.dataplane.infer(parsed, outcome, deadline)
-        return build_infer_response(parsed, result)
+        return parsed, await self.dataplane.infer(parsed, outcome, deadline)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, outcome: Outcome, deadline: Optional[float]
+    ) -> pb.ModelInferResponse:
+        return build_infer_response(*await self._run(request, outcome, deadline))
 
     @rpc
     async def ModelInfer(self, request, context, outcome):
-        return await self._infer(request, outcome, deadline_of(context))
+        # the wire bytes themselves (registered with `serialize_response`: see add_to_server)
+        return encode_infer_response(*await self._run(request, outcome, deadline_of(context)))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -415,3 +427,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+
+
+class _Handlers:
+    """Stands in for a server to catch the handlers the generated code registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with ModelInfer's answer serialised by `serialize_response` (the
+    servicer hands it over already encoded)."""
+    caught = _Handlers()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, caught)
+    caught.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=serialize_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, caught.handlers),))
+    server.add_registered_method_handlers(caught.service, caught.handlers)

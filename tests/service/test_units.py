@@ -163,3 +163,31 @@ def test_limits_are_derived_from_the_model_unless_set():
     chosen = settings_module.Settings(max_image_pixels=500, max_image_bytes=7, max_message_bytes=99)
     assert image_limits(alexnet, chosen).max_pixels == 500 and image_limits(alexnet, chosen).max_bytes == 7
     assert message_limits([alexnet], chosen) == type(both)(99, 99)
+
+
+def test_the_hand_encoded_answer_is_the_protobuf_answer():
+    from convserve.service.frontend.protocol import (
+        InferRequest,
+        InferResult,
+        OutputTensor,
+        ShmRef,
+        build_infer_response,
+        encode_infer_response,
+    )
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    big = np.arange(70_000, dtype="<f4").tobytes()  # a length that takes a three-byte varint
+    result = InferResult(
+        "digits",
+        "3",
+        [
+            OutputTensor("logits", "FP32", (1, 10), np.ones(10, "<f4").tobytes()),
+            OutputTensor("conv1", "FP32", (1, 70_000), big),
+            OutputTensor("probabilities", "FP32", (1, 10), b"", ShmRef("out", 40, 8)),
+            OutputTensor("logits", "BYTES", (1, 1), b"\x03\x00\x00\x00abc"),
+        ],
+        {"queue_us": 5, "execution_provider": "CPUExecutionProvider"},
+    )
+    request = InferRequest("digits", "", "id-7")
+    encoded = encode_infer_response(request, result)
+    assert pb.ModelInferResponse.FromString(encoded) == build_infer_response(request, result)
