@@ -56,7 +56,7 @@ import grpc
 import numpy as np
 
 from convserve.client import build_request, channel_options, wait_until_ready
-from convserve.contract import MODEL_FILE, ModelCard, normalize, version_dir, versions
+from convserve.contract import DEFAULT_OUTPUTS, MODEL_FILE, ModelCard, normalize, version_dir, versions
 from convserve.service.engine.runtime import ModelRuntime
 from convserve.service.frontend.protocol import ShmRef
 from convserve.service.proto import grpc_service_pb2 as pb
@@ -64,7 +64,7 @@ from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.settings import Settings
 
 CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps")
-_DEFAULT_OUTPUTS = ["logits", "probabilities"]
+_DEFAULT_OUTPUTS = list(DEFAULT_OUTPUTS)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Optional
 import grpc
 import numpy as np
 
+from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME
 from convserve.service.frontend.postprocess import serialize_bytes
 from convserve.service.frontend.protocol import ShmRef, output_array
 from convserve.service.proto import grpc_service_pb2 as pb
@@ -51,18 +52,18 @@ def build_request(
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     if array is not None:
         array = np.ascontiguousarray(array, dtype="<f4")
-        request.inputs.add(name="input", datatype="FP32", shape=array.shape)
+        request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=array.shape)
         request.raw_input_contents.append(array.tobytes())
     elif images is not None:
-        request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
+        request.inputs.add(name=IMAGE_INPUT_NAME, datatype="BYTES", shape=[len(images)])
         request.raw_input_contents.append(serialize_bytes(images))
     elif input_shm is not None:
         ref, shape = input_shm
-        _shm_parameters(request.inputs.add(name="input", datatype="FP32", shape=list(shape)).parameters, ref)
+        _shm_parameters(request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=list(shape)).parameters, ref)
     fp16 = set(fp16)
     for name in outputs:
         out = request.outputs.add(name=name)
-        if classification and name in ("logits", "probabilities"):
+        if classification and name in DEFAULT_OUTPUTS:
             out.parameters["classification"].int64_param = classification
         if name in fp16:
             out.parameters["datatype"].string_param = "FP16"

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from convserve.contract import DEFAULT_OUTPUTS
+from convserve.contract import DEFAULT_OUTPUTS, INPUT_NAME
 
 from ..errors import InvalidInput, QueueFull
 from ..ipc import Arena
@@ -59,7 +59,7 @@ class DataPlane:
         layout: dict[str, int] = {}
         size = (
             0
-            if request.input_shm is not None and request.input_name == "input"
+            if request.input_shm is not None and request.input_name == INPUT_NAME
             else 4 * images * math.prod(model.input_shape)
         )
         for wanted in requested:
@@ -157,7 +157,7 @@ class DataPlane:
     async def _inputs(self, model: ServedModel, request: InferRequest) -> Optional[np.ndarray]:
         """The request's input as an array, or None when it is FP32 in the client's own region."""
         if request.input_shm is not None:
-            if request.input_name == "input":
+            if request.input_name == INPUT_NAME:
                 _check_shape(model, request.shape)
                 return None
             ref = request.input_shm  # encoded images: their bytes come from the engine's mapping

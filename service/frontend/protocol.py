@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from convserve.contract import IMAGE_INPUT_NAME, INPUT_NAME
+
 from ..errors import InvalidInput
 from ..proto import grpc_service_pb2 as pb
 from ..rules import check_batch_size
@@ -42,7 +44,7 @@ class InferRequest:
     model_name: str
     model_version: str
     id: str
-    input_name: str = "input"  # "input" or "image"
+    input_name: str = INPUT_NAME  # INPUT_NAME or IMAGE_INPUT_NAME
     shape: tuple[int, ...] = ()  # as the request states it
     array: Optional[np.ndarray] = None  # for "input": float32 (N, C, H, W)
     images: Optional[list[bytes]] = None  # for "image": encoded PNG/JPEG, N of them
@@ -121,9 +123,9 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input shape {list(shape)} has a negative dimension")
-    if tensor.name == "image" and len(shape) == 2 and shape[1] == 1:
+    if tensor.name == IMAGE_INPUT_NAME and len(shape) == 2 and shape[1] == 1:
         shape = (shape[0],)  # [N, 1], as the config's dims [1] say, is the same batch as [N]
-    expected = {"image": ("BYTES", 1, "[N] or [N, 1]"), "input": ("FP32", 4, "[N, C, H, W]")}
+    expected = {IMAGE_INPUT_NAME: ("BYTES", 1, "[N] or [N, 1]"), INPUT_NAME: ("FP32", 4, "[N, C, H, W]")}
     if tensor.name not in expected:
         raise InvalidInput(f"unknown input {tensor.name!r}; a served CNN takes 'input' (FP32) or 'image' (BYTES)")
     datatype, rank, form = expected[tensor.name]
@@ -145,7 +147,7 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
     if shm is None:
         if raw is not None:
             read_input(parsed, raw)
-        elif tensor.name == "image":
+        elif tensor.name == IMAGE_INPUT_NAME:
             if len(tensor.contents.bytes_contents) != shape[0]:  # checked before the list is copied
                 raise InvalidInput(
                     f"input 'image' has shape [{shape[0]}] but holds {len(tensor.contents.bytes_contents)} elements"
@@ -180,7 +182,7 @@ def read_input(request: InferRequest, raw: bytes | memoryview) -> None:
 
     FP32 input becomes an array over the very bytes (np.frombuffer: no copy).
     """
-    if request.input_name == "image":
+    if request.input_name == IMAGE_INPUT_NAME:
         try:
             _set_images(request, deserialize_bytes(raw, most=request.shape[0]))
         except ValueError as exc:

@@ -4,6 +4,7 @@ together, and survive each other's deaths."""
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import urllib.request
@@ -189,3 +190,12 @@ def test_kill_9_of_the_supervisor_leaves_nothing_listening(served_repository):
         pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=1)
     assert not _shm_files()
     server.log.close()
+    # the run folder (engine socket, metrics files) of the killed supervisor: the next start removes it
+    left = [e for e in os.listdir(tempfile.gettempdir()) if e.startswith(f"convserve-run-{server.process.pid}-")]
+    assert left, "the killed run left no folder: nothing to clean"
+    again = RunningServer(served_repository)
+    try:
+        assert not any(os.path.exists(os.path.join(tempfile.gettempdir(), e)) for e in left)
+    finally:
+        assert again.stop() == 0, again.output()
+    assert not [e for e in os.listdir(tempfile.gettempdir()) if e.startswith(f"convserve-run-{again.process.pid}-")]
