@@ -62,9 +62,10 @@ class EngineUnavailable(ServingError):
 class Remote(ServingError):
     """An error the engine answered with: its status code, message and limit, as the engine gave them."""
 
-    def __init__(self, code: str, message: str, limit: str = "") -> None:
+    def __init__(self, code: str, message: str, limit: str = "", queued: bool = False) -> None:
         super().__init__(message, limit=limit)
         self.code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+        self.queued = queued  # it reached its model's queue before it failed
 
 
 class FailedPrecondition(ServingError):

@@ -18,7 +18,8 @@ Messages are plain tuples, first item the kind:
         ("call", cid, method, args)                     a control call (index, load, statistics, shm ...)
     engine -> front-end
         ("done", rid, queue_ns, compute_ns, batch_size)
-        ("failed", rid, code, message, limit)           code: a grpc.StatusCode name
+        ("failed", rid, code, message, limit, queued)   code: a grpc.StatusCode name; queued: it reached
+                                                        its model's queue (Triton counts failures from there)
         ("reply", cid, value) | ("refused", cid, code, message, limit)
         ("models", table)                               the served models, after every change
 

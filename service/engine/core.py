@@ -91,15 +91,15 @@ class Frontend:
             assert batcher is not None
             self.jobs[rid] = (job, batcher)
             batcher.put(job)
-        except Exception as exc:
+        except Exception as exc:  # refused before its model's queue: not the model's failure
             self.jobs.pop(rid, None)
-            self._answer(rid, exc)
+            self._answer(rid, exc, queued=False)
 
     def _cancel(self, rid: int) -> None:
         entry = self.jobs.get(rid)
         if entry is not None and entry[1].cancel(entry[0]):  # not started: it never will
             self.jobs.pop(rid, None)
-            self._post(("failed", rid, "CANCELLED", "cancelled", ""))
+            self._post(("failed", rid, "CANCELLED", "cancelled", "", True))
 
     def _source(self, source: tuple, shape: tuple) -> np.ndarray:
         if source[0] == "arena":
@@ -132,7 +132,7 @@ class Frontend:
         if result is not None:
             self._post(("done", rid, result.queue_ns, result.compute_ns, result.batch_size))
         elif error is None:
-            self._post(("failed", rid, "CANCELLED", "cancelled", ""))
+            self._post(("failed", rid, "CANCELLED", "cancelled", "", True))
         else:
             self._answer(rid, error)
 
@@ -146,11 +146,11 @@ class Frontend:
         with self._lock:
             self._outbox.append(message)
 
-    def _answer(self, rid: int, error: BaseException) -> None:
+    def _answer(self, rid: int, error: BaseException, queued: bool = True) -> None:
         code, message = status_of(error)
         if not isinstance(error, ServingError):
             log.error("request from %s failed", self.name, exc_info=error)
-        self._post(("failed", rid, code.name, message, getattr(error, "limit", "")))
+        self._post(("failed", rid, code.name, message, getattr(error, "limit", ""), queued))
 
     # ---- control calls (on the engine's event loop) ----------------------------------------------
 

@@ -21,7 +21,7 @@ from ..errors import AlreadyExists, InvalidInput, NotFound
 
 SHM_ROOT = "/dev/shm"
 _KEY = re.compile(r"^/?[A-Za-z0-9_.-]{1,250}$")  # tritonclient's keys look like "/input_data"
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_NAME = 256  # region names are free text, as in Triton ("my region", "a/b"), just not unbounded
 
 
 @dataclass
@@ -56,8 +56,12 @@ class SystemSharedMemory:
         self._regions: dict[str, Region] = {}
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        if not _NAME.match(name):
-            raise InvalidInput(f"invalid shared-memory region name {name[:64]!r}")
+        if not 0 < len(name) <= MAX_NAME or "\0" in name:
+            raise InvalidInput(f"invalid shared-memory region name {name[:64]!r}: 1 to {MAX_NAME} characters")
+        if offset % mmap.ALLOCATIONGRANULARITY:  # Triton maps the object from the offset: it must be a page
+            raise InvalidInput(
+                f"shared-memory offset {offset} is not a multiple of the page size ({mmap.ALLOCATIONGRANULARITY})"
+            )
         if not _KEY.match(key) or ".." in key:
             raise InvalidInput(f"invalid shared-memory key {key[:64]!r}: a name under {self._root}, like '/my_input'")
         if name in self._regions:
@@ -101,8 +105,8 @@ class SystemSharedMemory:
     def view(self, name: str, offset: int, byte_size: int, what: str) -> memoryview:
         """A checked window of a registered region (for a tensor's bytes)."""
         region = self._regions.get(name)
-        if region is None:
-            raise InvalidInput(f"{what}: no shared-memory region {name[:64]!r} is registered")
+        if region is None:  # NOT_FOUND, as in Triton (checked before the request reaches the queue)
+            raise NotFound(f"{what}: no shared-memory region {name[:64]!r} is registered")
         return region.view(offset, byte_size, what)
 
     def close(self) -> None:

@@ -96,17 +96,19 @@ class DataPlane:
             if block is not None:
                 self.arena.free(block)
             raise
-        outcome.queued = True
         preprocessed = time.perf_counter_ns()
         try:
             queue_ns, compute_ns, batch_size = await future
         except asyncio.CancelledError:
+            outcome.queued = True
             self.engine.cancel(rid)  # the link frees the block once the engine lets go of it
             raise
-        except BaseException:
+        except BaseException as exc:
+            outcome.queued = getattr(exc, "queued", False)
             if block is not None:
                 self.arena.free(block)
             raise
+        outcome.queued = True
         computed = time.perf_counter_ns()
         try:
             views = {

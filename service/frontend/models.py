@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from convserve.contract import ModelCard
+from convserve.contract import ModelCard, is_valid_name
 
 from ..errors import ModelNotFound, ModelNotReady
-from ..rules import check_model_name, parse_requested_version
+from ..rules import parse_requested_version
 from ..settings import Settings
 from .limits import image_limits
 from .preprocess import ImageLimits
@@ -74,7 +74,12 @@ class ModelTable:
 
     def resolve(self, name: str, version: str = "") -> ServedModel:
         """The version to serve a request for name/version; raises ModelNotFound / ModelNotReady."""
-        check_model_name(name)
+        # A lookup: any name that is not served is unknown (NOT_FOUND, as Triton answers), and so is
+        # version "0"
+        if not is_valid_name(name):
+            raise ModelNotFound(f"unknown model {name[:128]!r}")
+        if version and not version.strip("0"):
+            raise ModelNotFound(f"model {name!r} has no version {version[:32]}")
         wanted = parse_requested_version(version)
         versions = self._served.get(name)
         if not versions:

@@ -14,7 +14,7 @@ import numpy as np
 
 from convserve.contract import IMAGE_INPUT_NAME, INPUT_NAME
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ModelNotFound
 from ..proto import grpc_service_pb2 as pb
 from ..rules import check_batch_size
 from .postprocess import deserialize_bytes
@@ -104,21 +104,24 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
     Counts and sizes are checked before anything is unpacked: the work done is bounded by
     max_batch_size, not by what the request claims.
     """
-    if not request.model_name:
-        raise InvalidInput("model_name is empty")
+    if not request.model_name:  # as Triton: no name, no such model
+        raise ModelNotFound("unknown model ''")
     if len(request.inputs) != 1:
         raise InvalidInput(f"expected one input, 'input' (FP32) or 'image' (BYTES); got {len(request.inputs)}")
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput("raw_input_contents must hold one entry per input")
     # Of the parameters clients send (priority, sequence_*, binary_data_output ...), only `timeout`
-    # means something here; the others are accepted and ignored, as Triton does for a stateless model.
+    # means something here; the others are accepted and ignored, as Triton does for a stateless model,
+    # once they have the type Triton checks (priority: an unsigned integer).
     timeout_us = None
     for key, param in request.parameters.items():
+        value = _param_value(param)
         if key == "timeout":
-            value = _param_value(param)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidInput("request parameter 'timeout' must be a non-negative integer (microseconds)")
             timeout_us = value or None
+        elif key == "priority" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InvalidInput("request parameter 'priority' must be an unsigned integer")
     tensor = request.inputs[0]
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
@@ -159,14 +162,15 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
             if len(values) != count:
                 raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
             parsed.array = np.asarray(values, dtype=np.float32).reshape(shape)
-    # the same output may be asked for twice (plain and with classification), as Triton allows
+    # The same output may be asked for twice (plain and with classification): as in Triton 2.51, it
+    # comes back once, as classification.
     for out in request.outputs:
         wanted = RequestedOutput(out.name, shm=_shm_ref(out.parameters, f"output {out.name!r}"))
         for key, param in out.parameters.items():
             value = _param_value(param)
             if key == "classification":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise InvalidInput(f"output {out.name!r}: classification must be a non-negative integer")
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise InvalidInput(f"output {out.name!r}: classification must be a positive integer")
                 wanted.classification = value
             elif key == "datatype":
                 if value not in ("FP32", "FP16"):
@@ -174,6 +178,15 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
                 wanted.datatype = value
             # other keys (binary_data, ...) are HTTP-protocol hints with no meaning over gRPC
         parsed.outputs.append(wanted)
+    classified = {o.name for o in parsed.outputs if o.classification}
+    seen: set[tuple[str, int]] = set()
+    kept = []
+    for wanted in parsed.outputs:
+        key = (wanted.name, wanted.classification)
+        if (wanted.classification or wanted.name not in classified) and key not in seen:
+            seen.add(key)
+            kept.append(wanted)
+    parsed.outputs = kept
     return parsed
 
 

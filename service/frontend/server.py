@@ -59,6 +59,22 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
+class ServerHealth(health.aio.HealthServicer):
+    """grpc.health.v1 as Triton answers it: any service name it does not know (Triton knows none) gets the
+    server's own status, for Check and Watch alike; models' names get theirs."""
+
+    def _as_known(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckRequest:
+        if request.service in self._server_status:
+            return request
+        return health_pb2.HealthCheckRequest(service="")
+
+    async def Check(self, request, context):
+        return await super().Check(self._as_known(request), context)
+
+    async def Watch(self, request, context):
+        return await super().Watch(self._as_known(request), context)
+
+
 class Frontend:
     """One front-end: started once the engine has answered, stopped on SIGTERM."""
 
@@ -72,7 +88,7 @@ class Frontend:
         self.arena = Arena.create(f"convserve-frontend-{index}", settings.arena_mib << 20)
         self.engine = EngineLink(socket_path, self.arena, index, self._models_changed, self._engine_changed)
         self.recorder = Recorder(self.metrics, self.models.is_served, self.engine.stat)
-        self.health = health.aio.HealthServicer()
+        self.health = ServerHealth()
         # Image decoding and response tensors: CPU work that must stay off the event loop; as many
         # threads as CPUs, since more would only queue for the same cores.
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")

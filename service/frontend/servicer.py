@@ -23,7 +23,16 @@ import grpc
 from convserve import __version__
 from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME, PLATFORM
 
-from ..errors import InvalidInput, ServingError, ShuttingDown, Unimplemented, status_of
+from ..errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    ServingError,
+    ShuttingDown,
+    Unimplemented,
+    status_of,
+)
 from ..proto import grpc_service_pb2 as pb
 from ..proto import grpc_service_pb2_grpc as pb_grpc
 from ..proto import model_config_pb2 as mc
@@ -143,8 +152,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.models.resolve(request.name, request.version)
         except InvalidInput:
-            raise  # a malformed name or version is an error, not "not ready"
-        except ServingError:
+            raise  # a version that is no number is an error, not "not ready"
+        except ServingError:  # unknown (an empty name, version "0" too) or not ready: OK, ready=false
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.server_state() is not ServerState.STOPPING and self.engine.connected)
 
@@ -210,8 +219,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelStatistics(self, request, context, outcome):
-        if request.name:
-            self.models.resolve(request.name, request.version)  # an unknown one raises the right error
+        if request.name or request.version:
+            try:
+                self.models.resolve(request.name, request.version)
+            except (ModelNotFound, ModelNotReady) as exc:  # Triton: INVALID_ARGUMENT for statistics
+                raise InvalidInput(str(exc)) from None
         version = int(request.version) if request.name and request.version else None
         response = pb.ModelStatisticsResponse()
         if self.identity:  # the statistics are the engine's, for every front-end: say which one answered
@@ -244,6 +256,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def RepositoryIndex(self, request, context, outcome):
+        if request.repository_name:
+            raise Unimplemented("convserve serves one repository: RepositoryIndex takes no repository_name")
         response = pb.RepositoryIndexResponse()
         for name, version, state, reason in await self.engine.call("index"):
             if request.ready and state != "READY":
@@ -307,7 +321,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def TraceSetting(self, request, context, outcome):
         if request.model_name:
-            self.models.resolve(request.model_name)  # an unknown model is NOT_FOUND, as in Triton
+            try:
+                self.models.resolve(request.model_name)
+            except (ModelNotFound, ModelNotReady) as exc:  # Triton 2.51: INVALID_ARGUMENT here
+                raise InvalidInput(str(exc)) from None
         for key, value in request.settings.items():
             if key not in TRACE_SETTINGS:
                 raise InvalidInput(f"unknown trace setting {key[:64]!r}")
@@ -345,11 +362,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def CudaSharedMemoryStatus(self, request, context, outcome):
-        raise Unimplemented(_NO_CUDA_SHM)
+        # no CUDA region can be registered: none to report (perf_analyzer asks while it cleans up)
+        if request.name:
+            raise NotFound(f"no CUDA shared-memory region {request.name[:64]!r} is registered")
+        return pb.CudaSharedMemoryStatusResponse()
 
     @rpc
     async def CudaSharedMemoryUnregister(self, request, context, outcome):
-        raise Unimplemented(_NO_CUDA_SHM)
+        return pb.CudaSharedMemoryUnregisterResponse()  # idempotent, as the system one: nothing to forget
 
     # ---- inference ---------------------------------------------------------------------------
 

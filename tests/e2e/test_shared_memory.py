@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from convserve.client import build_request
+from convserve.service.frontend.protocol import ShmRef
+from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+
 shm = pytest.importorskip("tritonclient.utils.shared_memory", reason="needs setuptools<81 (pkg_resources)")
 
 X = np.random.default_rng(3).standard_normal((2, 1, 32, 32)).astype(np.float32)
@@ -93,7 +97,7 @@ def test_bad_regions_offsets_and_sizes_are_refused_and_the_server_keeps_serving(
         inp.set_shared_memory(input_region, size, offset=offset)
         return client.infer("digits", [inp], outputs=outputs)
 
-    assert _code(lambda: infer("unregistered", 4096)) == invalid
+    assert _code(lambda: infer("unregistered", 4096)) == "NOT_FOUND"  # as Triton
     assert _code(lambda: infer(name, 4096, offset=8)) == invalid  # past the region's end
     assert _code(lambda: infer(name, 2048)) == invalid  # not the tensor's size
     small_out = triton.InferRequestedOutput("conv1")
@@ -101,11 +105,56 @@ def test_bad_regions_offsets_and_sizes_are_refused_and_the_server_keeps_serving(
     assert _code(lambda: infer(name, 4096, outputs=[small_out])) == invalid  # output window too small
     assert infer(name, 4096).as_numpy("logits").shape == (1, 10)  # and the server still serves
     client.unregister_system_shared_memory(name)
-    assert _code(lambda: infer(name, 4096)) == invalid
+    assert _code(lambda: infer(name, 4096)) == "NOT_FOUND"
     assert _code(lambda: client.get_system_shared_memory_status(region_name=name)) == "NOT_FOUND"
     assert not os.path.exists("/dev/shm/convserve_no_such_object")
 
 
-def test_cuda_shared_memory_answers_unimplemented(server):
+def test_cuda_shared_memory_status_and_unregister_answer_with_no_regions(server):
+    """As Triton without CUDA regions (perf_analyzer calls both while it cleans up); registering one
+    stays UNIMPLEMENTED until it is built and run on a GPU."""
     client = triton.InferenceServerClient(server.url)
-    assert _code(lambda: client.get_cuda_shared_memory_status()) == "UNIMPLEMENTED"
+    assert client.get_cuda_shared_memory_status(as_json=True) == {}
+    client.unregister_cuda_shared_memory()
+    client.unregister_cuda_shared_memory(name="never_registered")
+    assert _code(lambda: client.get_cuda_shared_memory_status(region_name="nope")) == "NOT_FOUND"
+
+
+def test_region_answers_as_triton_2_51_gives_them(regions, server):
+    """Observed on tritonserver 2.51: an offset that is not a page is INVALID_ARGUMENT; names are free
+    text; an unregistered region on an input or an output is NOT_FOUND before the model runs (the
+    version's fail count does not move); classification into a region is INVALID_ARGUMENT."""
+    client, make = regions
+    _, key, handle = make("text", 8192)
+    shm.set_shared_memory_region(handle, [X[:1]])
+    assert _code(lambda: client.register_system_shared_memory("odd", key, 16, offset=8)) == "INVALID_ARGUMENT"
+    name = f"my region/{uuid.uuid4().hex[:6]}"  # a space and a slash
+    client.register_system_shared_memory(name, key, 8192)
+    assert name in client.get_system_shared_memory_status(as_json=True)["regions"]
+
+    def fails():
+        stats = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]["inference_stats"]
+        return int(stats.get("fail", {}).get("count", 0))
+
+    before = fails()
+    inp = triton.InferInput("input", [1, 1, 32, 32], "FP32")
+    inp.set_shared_memory(name, 4096)
+    assert client.infer("digits", [inp]).as_numpy("logits").shape == (1, 10)
+    missing = triton.InferRequestedOutput("logits")
+    missing.set_shared_memory("no such region", 40)
+    assert _code(lambda: client.infer("digits", [inp], outputs=[missing])) == "NOT_FOUND"
+    ghost = triton.InferInput("input", [1, 1, 32, 32], "FP32")
+    ghost.set_shared_memory("no such region", 4096)
+    assert _code(lambda: client.infer("digits", [ghost])) == "NOT_FOUND"
+    assert fails() == before
+    # tritonclient refuses it itself; a client that sends it anyway:
+    request = build_request(
+        "digits",
+        input_shm=(ShmRef(name, 4096), (1, 1, 32, 32)),
+        outputs=["logits"],
+        classification=1,
+        output_shm={"logits": ShmRef(name, 64, 4096)},
+    )
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

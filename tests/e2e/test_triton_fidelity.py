@@ -6,6 +6,7 @@ import queue
 
 import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -144,13 +145,13 @@ def test_metadata_and_config_describe_what_requests_may_carry(server, own_reposi
     image = triton.InferInput("image", [1, 1], "BYTES")
     with open(os.path.join(ROOT, "examples", "digits", "2-test2.png"), "rb") as handle:
         image.set_data_from_numpy(np.array([[handle.read()]], dtype=object))
-    # the same output twice: plain and as classification, as Triton allows
+    # the same output twice, plain and as classification: it comes back once, as classification (2.51)
     outputs = [
         triton.InferRequestedOutput("probabilities"),
         triton.InferRequestedOutput("probabilities", class_count=1),
     ]
     result = client.infer("digits", [image], outputs=outputs).get_response()
-    assert [(o.name, o.datatype) for o in result.outputs] == [("probabilities", "FP32"), ("probabilities", "BYTES")]
+    assert [(o.name, o.datatype) for o in result.outputs] == [("probabilities", "BYTES")]
     # a config override at load time is refused, not ignored
     try:
         client.load_model("digits", config='{"max_batch_size": 4}')
@@ -174,3 +175,54 @@ def test_failures_count_where_triton_counts_them_and_unloading_the_unknown_is_ok
         assert _statistics(client).inference_stats.fail.count == before
         client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="no_such_model"), timeout=10)
         assert client.infer("digits", array=X).outputs  # and nothing else changed
+
+
+def test_codes_for_unknown_and_empty_names_and_versions_are_tritons(server):
+    """Each as tritonserver 2.51 answered it in the differential run (issue 17)."""
+    from convserve.service.proto import grpc_service_pb2 as pb
+
+    with Client(server.url) as client:
+        stub = client.stub
+
+        def code(call, request):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            return info.value.code()
+
+        not_found = grpc.StatusCode.NOT_FOUND
+        assert code(stub.ModelInfer, build_request("digits", array=X, version="0")) == not_found
+        assert code(stub.ModelInfer, build_request("", array=X)) == not_found
+        assert code(stub.ModelInfer, pb.ModelInferRequest()) == not_found
+        for call, request in (
+            (stub.ModelMetadata, pb.ModelMetadataRequest(name="digits", version="0")),
+            (stub.ModelMetadata, pb.ModelMetadataRequest()),
+            (stub.ModelConfig, pb.ModelConfigRequest(name="digits", version="0")),
+            (stub.ModelConfig, pb.ModelConfigRequest()),
+        ):
+            assert code(call, request) == not_found, request
+        for request in (pb.ModelReadyRequest(name="digits", version="0"), pb.ModelReadyRequest()):
+            assert stub.ModelReady(request, timeout=10).ready is False
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        assert code(stub.ModelStatistics, pb.ModelStatisticsRequest(name="no_such_model")) == invalid
+        assert code(stub.ModelStatistics, pb.ModelStatisticsRequest(name="digits", version="9")) == invalid
+        assert code(stub.TraceSetting, pb.TraceSettingRequest(model_name="no_such_model")) == invalid
+        unimplemented = grpc.StatusCode.UNIMPLEMENTED
+        assert code(stub.RepositoryIndex, pb.RepositoryIndexRequest(repository_name="models")) == unimplemented
+        # request parameters: classification 0, a priority that is no unsigned integer
+        zero = build_request("digits", array=X, outputs=["logits"])
+        zero.outputs[0].parameters["classification"].int64_param = 0
+        assert code(stub.ModelInfer, zero) == invalid
+        wrong = build_request("digits", array=X)
+        wrong.parameters["priority"].string_param = "high"
+        assert code(stub.ModelInfer, wrong) == invalid
+        fine = build_request("digits", array=X)
+        fine.parameters["priority"].uint64_param = 1
+        assert stub.ModelInfer(fine, timeout=10).outputs
+
+
+def test_health_answers_for_any_service_name_as_the_server(server):
+    with grpc.insecure_channel(server.url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "inference.GRPCInferenceService", "anything.at.all", "digits"):
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, name

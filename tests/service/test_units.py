@@ -11,7 +11,7 @@ from convserve.cli.base import add_flags
 from convserve.client import build_request
 from convserve.contract import PreprocessSpec
 from convserve.service import settings as settings_module
-from convserve.service.errors import InvalidInput
+from convserve.service.errors import InvalidInput, ModelNotFound
 from convserve.service.frontend.postprocess import deserialize_bytes, serialize_bytes, top_k
 from convserve.service.frontend.preprocess import ImageDecodeError, decode_image, preprocess_encoded
 from convserve.service.frontend.protocol import parse_infer_request
@@ -56,13 +56,19 @@ def _timeout_as_text(request):
         (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
         (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
         (_timeout_as_text, "timeout"),
-        (lambda r: setattr(r, "model_name", ""), "model_name"),
     ],
 )
 def test_parse_request_errors(mutate, message):
     request = build_request("m", array=np.zeros((1, 1, 4, 4), np.float32))
     mutate(request)
     with pytest.raises(InvalidInput, match=message):
+        parse_infer_request(request)
+
+
+def test_an_empty_model_name_is_no_such_model():  # as Triton answers it: NOT_FOUND, not INVALID_ARGUMENT
+    request = build_request("m", array=np.zeros((1, 1, 4, 4), np.float32))
+    request.model_name = ""
+    with pytest.raises(ModelNotFound):
         parse_infer_request(request)
 
 
