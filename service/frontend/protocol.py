@@ -106,10 +106,19 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
     """
     if not request.model_name:  # as Triton: no name, no such model
         raise ModelNotFound("unknown model ''")
-    if len(request.inputs) != 1:
-        raise InvalidInput(f"expected one input, 'input' (FP32) or 'image' (BYTES); got {len(request.inputs)}")
+    names = [t.name for t in request.inputs]
+    if not (len(names) == 1 or sorted(names) == sorted((INPUT_NAME, IMAGE_INPUT_NAME))):
+        raise InvalidInput(f"expected 'input' (FP32) or 'image' (BYTES), or both; got {len(names)} inputs")
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidInput("raw_input_contents must hold one entry per input")
+    # Both optional inputs may come (perf_analyzer sends every declared input): the tensor is used, the
+    # images are not decoded, and the two must be the same batch.
+    index = names.index(INPUT_NAME) if len(names) == 2 else 0
+    if len(names) == 2:
+        other = request.inputs[1 - index]
+        batch = [int(d) for d in request.inputs[index].shape[:1]], [int(d) for d in other.shape[:1]]
+        if batch[0] != batch[1]:
+            raise InvalidInput(f"inputs 'input' and 'image' hold different batches: {batch[0]} and {batch[1]}")
     # Of the parameters clients send (priority, sequence_*, binary_data_output ...), only `timeout`
     # means something here; the others are accepted and ignored, as Triton does for a stateless model,
     # once they have the type Triton checks (priority: an unsigned integer).
@@ -122,7 +131,7 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
             timeout_us = value or None
         elif key == "priority" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise InvalidInput("request parameter 'priority' must be an unsigned integer")
-    tensor = request.inputs[0]
+    tensor = request.inputs[index]
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input shape {list(shape)} has a negative dimension")
@@ -140,7 +149,7 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
         raise InvalidInput("the batch is empty")
     if max_batch_size is not None:
         check_batch_size(shape[0], max_batch_size)
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    raw = request.raw_input_contents[index] if request.raw_input_contents else None
     shm = _shm_ref(tensor.parameters, f"input {tensor.name!r}")
     if sum((raw is not None, tensor.HasField("contents"), shm is not None)) > 1:
         raise InvalidInput(f"input {tensor.name!r} has its data in more than one place (raw, typed, shared memory)")

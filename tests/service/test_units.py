@@ -197,3 +197,17 @@ def test_the_hand_encoded_answer_is_the_protobuf_answer():
     request = InferRequest("digits", "", "id-7")
     encoded = encode_infer_response(request, result)
     assert pb.ModelInferResponse.FromString(encoded) == build_infer_response(request, result)
+
+
+def test_both_inputs_the_tensor_is_used_and_the_batches_must_agree():
+    request = build_request("m", array=np.ones((2, 1, 4, 4), np.float32))
+    request.inputs.add(name="image", datatype="BYTES", shape=[2, 1])
+    request.raw_input_contents.append(serialize_bytes([b"not", b"pictures"]))
+    parsed = parse_infer_request(request)
+    assert parsed.input_name == "input" and parsed.array.shape == (2, 1, 4, 4) and parsed.images is None
+    request.inputs[1].shape[:] = [3, 1]
+    with pytest.raises(InvalidInput, match="different batches"):
+        parse_infer_request(request)
+    request.inputs[1].name = "input"  # two of one kind is not two alternatives
+    with pytest.raises(InvalidInput, match="or both"):
+        parse_infer_request(request)
