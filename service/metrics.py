@@ -107,7 +107,7 @@ class Metrics:
         self.refusals = Counter(
             "convserve_refusals_total", "requests refused by a limit, by the limit", ["limit"], registry=r
         )
-        for limit in ("batch_size", "queue_size", "image_bytes", "image_format", "image_pixels"):
+        for limit in ("batch_size", "queue_size", "image_bytes", "image_format", "image_pixels", "shm_regions"):
             self.refusals.labels(limit)  # known label values start at 0
         self._queue_depth = _QueueDepth()
         self._queue_depth_gauge: Optional[Gauge] = None

@@ -58,6 +58,14 @@ class Settings:
         "1: a request's `timeout` parameter (microseconds) bounds its time in the queue, as Triton's queue "
         "policy allow_timeout_override; 0 (Triton's default): ignored, the gRPC deadline still applies",
     )
+    max_shm_regions: int = _opt(
+        0, "system shared-memory regions that may be registered at once (0: a quarter of the open-file limit)"
+    )
+    shm_any_owner: int = _opt(
+        0,
+        "1: register shared-memory objects of any user, not only the server's own (any client may then "
+        "read and write them, as in Triton)",
+    )
     # batching
     max_batch_size: int = _opt(32, "most images per session run")
     max_queue_delay_ms: float = _opt(2.0, "longest a request waits for a fuller batch, only while another batch runs")
@@ -109,6 +117,8 @@ class Settings:
             raise ValueError("max_streams_per_connection and max_stream_in_flight must be at least 1")
         if self.frontends != "auto" and not (self.frontends.isdigit() and 1 <= int(self.frontends) <= 64):
             raise ValueError(f"frontends must be auto or 1 to 64, not {self.frontends!r}")
+        if self.max_shm_regions < 0:
+            raise ValueError("max_shm_regions cannot be negative (0: derived)")
         if self.arena_mib < 1:
             raise ValueError("arena_mib must be at least 1")
         if self.instances is not None and self.instances < 1:

@@ -33,13 +33,17 @@ from .shm import SystemSharedMemory
 
 log = logging.getLogger("convserve.engine")
 
-Write = tuple[np.ndarray, str]  # (destination array, output name)
+Write = tuple[str, Callable[[np.ndarray], None]]  # (output name, what writes its rows where they go)
 
 
 def _deliver(writes: list[Write], outputs: dict[str, np.ndarray]) -> None:
-    """In the executor thread: each output into its destination (FP16 conversion on the way)."""
-    for destination, name in writes:
-        np.copyto(destination, outputs[name], casting="same_kind")
+    """In the worker thread: each output into its destination."""
+    for name, write in writes:
+        write(outputs[name])
+
+
+def _into(destination: np.ndarray, value: np.ndarray) -> None:
+    np.copyto(destination, value, casting="same_kind")
 
 
 class Frontend:
@@ -84,7 +88,7 @@ class Frontend:
         try:
             model = self.engine.registry.get(name, version)
             inputs = self._source(source, shape)
-            writes = [(self._destination(model, out, dest, shape[0]), out) for out, dest in outputs]
+            writes = [(out, self._destination(model, out, dest, shape[0])) for out, dest in outputs]
             job = Job(inputs, frozenset(out for out, _ in outputs), deadline, sink=self, tag=rid)
             job.deliver = functools.partial(_deliver, writes)
             batcher = model.batcher
@@ -104,24 +108,33 @@ class Frontend:
     def _source(self, source: tuple, shape: tuple) -> np.ndarray:
         if source[0] == "arena":
             return self.arena.array(source[1], shape)
-        _, region, offset, byte_size = source
+        _, name, offset, byte_size = source
         need = 4 * int(np.prod(shape))
+        what = "input 'input'"
+        region = self.engine.shm.region(name, what)
         if byte_size != need:
             raise InvalidInput(f"input 'input' of shape {list(shape)} needs {need} bytes, got {byte_size}")
-        view = self.engine.shm.view(region, offset, byte_size, "input 'input'")
-        return np.frombuffer(view, dtype="<f4").reshape(shape)
+        inputs = np.empty(shape, dtype="<f4")  # read, not mapped: the client may truncate its object
+        region.read_into(offset, inputs, what)
+        return inputs
 
-    def _destination(self, model: ModelVersion, name: str, dest: tuple, images: int) -> np.ndarray:
+    def _destination(self, model: ModelVersion, name: str, dest: tuple, images: int) -> Callable[[np.ndarray], None]:
         shape = (images, *model.outputs[name].shape[1:])
         if dest[0] == "arena":
-            return self.arena.array(dest[1], shape)
-        _, region, offset, byte_size, datatype = dest
+            return functools.partial(_into, self.arena.array(dest[1], shape))
+        _, region_name, offset, byte_size, datatype = dest
         dtype = DTYPES[datatype]
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         what = f"output {name!r}"
+        region = self.engine.shm.region(region_name, what)
         if size > byte_size:
             raise InvalidInput(f"{what} needs {size} bytes; its shared-memory window has {byte_size}")
-        return np.frombuffer(self.engine.shm.view(region, offset, size, what), dtype=dtype).reshape(shape)
+        region._check(offset, size, what)  # refused now, not after the run, when it cannot fit
+
+        def write(value: np.ndarray) -> None:
+            region.write(offset, value.astype(dtype, copy=False), what)
+
+        return write
 
     # ---- answers (the sink of its jobs, called from the batchers' worker threads) -----------------
 
@@ -181,7 +194,7 @@ class Engine:
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(settings.max_queue_size)
         self.registry = Registry(settings, self.metrics, on_change=self._models_changed)
-        self.shm = SystemSharedMemory()
+        self.shm = SystemSharedMemory(max_regions=settings.max_shm_regions, any_owner=bool(settings.shm_any_owner))
         self.frontends: set[Frontend] = set()
         self._background: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -237,7 +250,8 @@ class Engine:
             self.shm.unregister(*args)
             return None
         if method == "shm_read":  # an encoded image a client left in its region (bytes, not a tensor)
-            return bytes(self.shm.view(*args))
+            name, offset, byte_size, what = args
+            return self.shm.region(name, what).read(offset, byte_size, what)
         raise Unimplemented(f"unknown engine call {method!r}")
 
     # ---- front-ends ------------------------------------------------------------------------------
