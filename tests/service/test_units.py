@@ -51,7 +51,7 @@ def _timeout_as_text(request):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "one input"),
+        (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "or both"),
         (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
         (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
         (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
