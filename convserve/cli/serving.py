@@ -136,27 +136,27 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} must be a comma list of integers") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers")
+    return values
+
+
 def _bench(args: argparse.Namespace) -> int:
     import sys
 
     from convserve.bench import CASES, format_report, run
     from convserve.contract import versions
 
-    try:
-        clients = [int(c) for c in args.clients.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError("--clients must be a comma list of integers") from None
-    if not clients or min(clients) < 1:
-        raise UsageError("--clients must be positive integers")
+    clients = _positive_ints(args.clients, "--clients")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or set(cases) - set(CASES):
         raise UsageError(f"--cases takes {', '.join(CASES)}")
-    try:
-        frontends = [int(c) for c in args.frontends.split(",") if c.strip()]
-    except ValueError:
-        raise UsageError("--frontends must be a comma list of integers") from None
-    if not frontends or min(frontends) < 1:
-        raise UsageError("--frontends must be positive integers")
+    frontends = _positive_ints(args.frontends, "--frontends")
     if not versions(os.path.join(args.repository, args.model)):
         raise UsageError(f"no model {args.model!r} in {args.repository!r}")
     report = run(
