@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import math
 import mmap
 import os
 import pickle
@@ -50,6 +51,12 @@ ALIGN = 64
 Message = tuple
 # Output datatypes a destination may ask for (FP16 halves a feature map), as little-endian numpy types
 DTYPES = {"FP32": "<f4", "FP16": "<f2"}
+
+
+def _frame(value: Any) -> bytes:
+    """A value on the socket: its pickle's length (4 bytes, little-endian), then the pickle."""
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
 
 
 class Arena:
@@ -101,9 +108,7 @@ class Arena:
 
     def array(self, offset: int, shape: tuple[int, ...], dtype: str = "<f4") -> np.ndarray:
         """A view of the arena's bytes at `offset` as an array (no copy); checked against the arena."""
-        count = 1
-        for d in shape:
-            count *= d
+        count = math.prod(shape)
         if offset < 0 or offset + count * np.dtype(dtype).itemsize > self.size:
             raise ValueError(f"{count} items at offset {offset} fall outside the arena")
         return np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -136,9 +141,9 @@ class Link:
     def _flush(self) -> None:
         if self.closed or not self._outgoing:
             return
-        data = pickle.dumps(self._outgoing, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _frame(self._outgoing)
         self._outgoing = []
-        self._writer.write(_LENGTH.pack(len(data)) + data)
+        self._writer.write(frame)
 
     async def serve(self, dispatch: Callable[[Message], None]) -> None:
         """Read until the other end goes; each message to `dispatch`, in order."""
@@ -170,10 +175,10 @@ class BlockingLink:
         self.closed = False
 
     def send(self, messages: list[Message]) -> None:
-        data = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _frame(messages)
         try:
             with self._lock:
-                self._sock.sendall(_LENGTH.pack(len(data)) + data)
+                self._sock.sendall(frame)
         except OSError:  # the front-end went: its reader thread sees the end and cleans up
             self.closed = True
 
@@ -209,8 +214,7 @@ class BlockingLink:
 
 def send_hello(sock: socket.socket, hello: dict[str, Any], arena: Arena) -> None:
     """Blocking: the front-end's first message, with its arena's descriptor (SCM_RIGHTS)."""
-    data = pickle.dumps(hello)
-    socket.send_fds(sock, [_LENGTH.pack(len(data)) + data], [arena.fd])
+    socket.send_fds(sock, [_frame(hello)], [arena.fd])
 
 
 def receive_hello(sock: socket.socket, timeout: float = 5.0) -> tuple[dict[str, Any], Arena]:

@@ -107,6 +107,7 @@ class Supervisor:
         self.frontends: list[Any] = [None] * self.count
         self.stopping = 0  # signals received
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
         self._signals: list[int] = []
 
     # ---- children --------------------------------------------------------------------------------
@@ -209,7 +210,6 @@ class Supervisor:
             sentinels = [p.sentinel for p in [self.engine, *self.frontends] if p is not None]
             multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
             with contextlib.suppress(BlockingIOError):
-                self._wake_r.setblocking(False)
                 self._wake_r.recv(64)
             self._handle_signals()
             if self.stopping:

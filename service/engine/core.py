@@ -160,10 +160,14 @@ class Frontend:
             self._outbox.append(message)
 
     def _answer(self, rid: int, error: BaseException, queued: bool = True) -> None:
+        self._post(("failed", rid, *self._refusal(error, "a request"), queued))
+
+    def _refusal(self, error: BaseException, what: str) -> tuple[str, str, str]:
+        """(status code name, message, limit) for an error; a bug is logged with its traceback."""
         code, message = status_of(error)
         if not isinstance(error, ServingError):
-            log.error("request from %s failed", self.name, exc_info=error)
-        self._post(("failed", rid, code.name, message, getattr(error, "limit", ""), queued))
+            log.error("%s from %s failed", what, self.name, exc_info=error)
+        return code.name, message, getattr(error, "limit", "")
 
     # ---- control calls (on the engine's event loop) ----------------------------------------------
 
@@ -171,10 +175,7 @@ class Frontend:
         try:
             value = await self.engine.call(method, *args)
         except Exception as exc:
-            code, message = status_of(exc)
-            if not isinstance(exc, ServingError):
-                log.error("%s from %s failed", method, self.name, exc_info=exc)
-            self.link.send([("refused", cid, code.name, message, getattr(exc, "limit", ""))])
+            self.link.send([("refused", cid, *self._refusal(exc, method))])
             return
         self.link.send([("reply", cid, value)])
 
@@ -198,6 +199,7 @@ class Engine:
         self.frontends: set[Frontend] = set()
         self._background: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.table: dict[str, Any] = {"served": [], "index": [], "pending": []}  # set by every scan
 
     def in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -214,10 +216,11 @@ class Engine:
         }
 
     async def _models_changed(self) -> None:
-        if self.frontends:
-            table = await self.models()
-            for frontend in list(self.frontends):
-                frontend.link.send([("models", table)])
+        """After every registry change: the table is built once (a disk scan), kept for replies and new
+        front-ends, and sent to every front-end."""
+        self.table = await self.models()
+        for frontend in list(self.frontends):
+            frontend.link.send([("models", self.table)])
 
     def call_soon(self, work) -> None:
         """From a reader thread: run a coroutine on the engine's event loop."""
@@ -228,12 +231,12 @@ class Engine:
         """The control calls front-ends forward; plain data in, plain data out."""
         if method == "index":
             return (await self.models())["index"]
-        if method == "load":
+        if method == "load":  # the registry's change callback has built the new table by now
             await self.registry.load(*args)
-            return await self.models()
+            return self.table
         if method == "unload":
             await self.registry.unload(*args)
-            return await self.models()
+            return self.table
         if method == "statistics":
             name, version = args
             return [
@@ -273,7 +276,7 @@ class Engine:
         frontend = Frontend(self, BlockingLink(conn), arena, hello)
         self.frontends.add(frontend)
         log.info("%s connected", frontend.name)
-        frontend.link.send([("models", await self.models())])
+        frontend.link.send([("models", self.table)])
         loop, ended = asyncio.get_running_loop(), asyncio.Event()
 
         def read() -> None:  # a thread of its own: the default pool's few threads are for disk scans

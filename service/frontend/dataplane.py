@@ -23,7 +23,7 @@ import numpy as np
 from convserve.contract import DEFAULT_OUTPUTS, INPUT_NAME
 
 from ..errors import InvalidInput, QueueFull
-from ..ipc import Arena
+from ..ipc import ALIGN, Arena
 from .engine_link import EngineLink
 from .models import ModelTable, ServedModel
 from .observe import Outcome, Timings
@@ -54,18 +54,7 @@ class DataPlane:
         outcome.version = str(model.version)
         requested = self._outputs(model, request.outputs)
         images = request.batch
-        # the block: [input (unless it lies in the client's region)] [each output the answer is built from]
-        per_image = {name: 4 * math.prod(model.outputs[name].shape[1:]) for name in model.outputs}
-        layout: dict[str, int] = {}
-        size = (
-            0
-            if request.input_shm is not None and request.input_name == INPUT_NAME
-            else 4 * images * math.prod(model.input_shape)
-        )
-        for wanted in requested:
-            if (wanted.shm is None or wanted.classification) and wanted.name not in layout:
-                layout[wanted.name] = size
-                size += -(-images * per_image[wanted.name] // 64) * 64
+        layout, size = _block_layout(model, request, requested)
         inputs = await self._inputs(model, request)  # before the block: a bad image costs no arena
         block = self.arena.alloc(size) if size else None
         if size and block is None:
@@ -110,11 +99,11 @@ class DataPlane:
             raise
         outcome.queued = True
         computed = time.perf_counter_ns()
+        views = {
+            name: self.arena.array((block or 0) + offset, (images, *model.outputs[name].shape[1:]))
+            for name, offset in layout.items()
+        }
         try:
-            views = {
-                name: self.arena.array((block or 0) + offset, (images, *model.outputs[name].shape[1:]))
-                for name, offset in layout.items()
-            }
             if size <= INLINE_BYTES:
                 tensors, feature_bytes = _response_tensors(model, requested, views, images)
             else:
@@ -122,7 +111,7 @@ class DataPlane:
                     self._codec, _response_tensors, model, requested, views, images
                 )
         finally:
-            del views
+            del views  # no view may outlive the block: it is reused at once
             if block is not None:
                 self.arena.free(block)
         done = time.perf_counter_ns()
@@ -183,6 +172,22 @@ class DataPlane:
 def _check_shape(model: ServedModel, shape: tuple[int, ...]) -> None:
     if tuple(shape[1:]) != model.input_shape:
         raise InvalidInput(f"input 'input' must be [N, {', '.join(map(str, model.input_shape))}], not {list(shape)}")
+
+
+def _block_layout(
+    model: ServedModel, request: InferRequest, requested: list[RequestedOutput]
+) -> tuple[dict[str, int], int]:
+    """Where each output the answer is built from lies in the request's arena block, and the block's size:
+    [the input, unless it lies in the client's region] [each such output, once, aligned]."""
+    images = request.batch
+    in_region = request.input_shm is not None and request.input_name == INPUT_NAME
+    size = 0 if in_region else images * model.input_bytes
+    layout: dict[str, int] = {}
+    for wanted in requested:
+        if (wanted.shm is None or wanted.classification) and wanted.name not in layout:
+            layout[wanted.name] = size
+            size += -(-images * model.output_bytes[wanted.name] // ALIGN) * ALIGN
+    return layout, size
 
 
 def _response_tensors(

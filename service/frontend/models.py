@@ -8,6 +8,7 @@ reads the cards, which say how to check and preprocess a request and what the an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class ServedModel:
         self.input_shape = self.card.preprocess.input_shape
         self.outputs = {o.name: o for o in self.card.outputs}
         self.feature_maps = set(self.card.feature_map_names)
+        # FP32 bytes of one image's input and of each output: an arena block's layout, per request
+        self.input_bytes = 4 * math.prod(self.input_shape)
+        self.output_bytes = {o.name: 4 * math.prod(o.shape[1:]) for o in self.card.outputs}
 
     @property
     def labels(self) -> list[str]:
