@@ -97,6 +97,11 @@ class Settings:
         256, "each front-end's shared memory for tensors in flight to and from the engine, MiB (taken as written)"
     )
     # lifecycle
+    strict_readiness: int = _opt(
+        1,
+        "1 (Triton's default): a model that failed to load makes the server not ready (ServerReady false, "
+        "health NOT_SERVING) until it loads or is unloaded; 0: ready while any model serves",
+    )
     grace_period: float = _opt(30.0, "seconds to finish in-flight requests on SIGTERM")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING, ERROR")
 

@@ -199,7 +199,7 @@ class Engine:
         self.frontends: set[Frontend] = set()
         self._background: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.table: dict[str, Any] = {"served": [], "index": [], "pending": []}  # set by every scan
+        self.table: dict[str, Any] = {"served": [], "index": [], "pending": [], "failed": []}  # set by every scan
 
     def in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -213,6 +213,7 @@ class Engine:
             "served": [m.describe() for m in self.registry.served_versions()],
             "index": [(name, version, state.value, reason) for name, version, state, reason in rows],
             "pending": self.registry.pending_names(),
+            "failed": self.registry.failed_names(),
         }
 
     async def _models_changed(self) -> None:

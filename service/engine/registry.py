@@ -174,8 +174,24 @@ class Registry:
         return model
 
     def pending_names(self) -> list[str]:
-        """Names with a version loading or refused: requests for them are UNAVAILABLE, not NOT_FOUND."""
-        return sorted({name for name, _ in self._failed} | {name for name, _ in self._loading})
+        """Names with a version loading (requests for them are UNAVAILABLE, not NOT_FOUND), and with
+        --strict-readiness 0 those that failed too."""
+        names = {name for name, _ in self._loading}
+        if not self.settings.strict_readiness:
+            names |= {name for name, _ in self._failed}
+        return sorted(names)
+
+    def failed_names(self) -> list[str]:
+        """Names that failed to load and serve no version, unless unloaded on request since: with
+        --strict-readiness (Triton's default) any of them makes the server not ready."""
+        if not self.settings.strict_readiness:
+            return []
+        return sorted(
+            {name for name, _ in self._failed}
+            - set(self._served)
+            - {name for name, _ in self._loading}
+            - self._unloaded
+        )
 
     def served(self, name: str, version: int) -> Optional[ModelVersion]:
         return self._served.get(name, {}).get(version)
@@ -215,7 +231,8 @@ class Registry:
         for model in self.served_versions():
             rows[(model.name, model.version)] = (model.state, "")
         for key, (state, _) in list(rows.items()):
-            if key[0] in self._unloaded and state is not ModelState.READY:
+            # a version that failed keeps its load error as the reason, after an unload too (as Triton)
+            if key[0] in self._unloaded and state is not ModelState.READY and key not in self._failed:
                 rows[key] = (ModelState.UNAVAILABLE, "unloaded")
         return [(name, str(version), state, reason) for (name, version), (state, reason) in sorted(rows.items())]
 
@@ -272,9 +289,11 @@ class Registry:
                 raise ModelNotFound(f"no model {name!r} in the repository")
             self._unloaded.discard(name)
             await self._sync_model(name, retry_failed=True)
-        await self._changed()
-        if not self._served.get(name):
+            # decided under the lock: a concurrent unload may retire the model the moment it is released
+            loaded = bool(self._served.get(name))
             reasons = [r for (n, _), (r, _) in self._failed.items() if n == name]
+        await self._changed()
+        if not loaded:
             raise LoadFailed(f"model {name!r} failed to load: {'; '.join(reasons) or 'no loadable version'}")
 
     async def unload(self, name: str) -> None:

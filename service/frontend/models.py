@@ -60,7 +60,8 @@ class ModelTable:
         self.settings = settings
         self._served: dict[str, dict[int, ServedModel]] = {}
         self.index: list[tuple[str, str, str, str]] = []  # (name, version, state, reason)
-        self._pending: set[str] = set()  # names with a version loading, or that failed to load
+        self._pending: set[str] = set()  # names with a version loading (or failed, without strict readiness)
+        self.failed: list[str] = []  # names that failed to load and serve nothing: not ready, when strict
 
     def update(self, table: dict[str, Any]) -> None:
         served: dict[str, dict[int, ServedModel]] = {}
@@ -75,6 +76,7 @@ class ModelTable:
         self._served = served
         self.index = [tuple(row) for row in table["index"]]
         self._pending = set(table["pending"])
+        self.failed = list(table["failed"])
 
     def resolve(self, name: str, version: str = "") -> ServedModel:
         """The version to serve a request for name/version; raises ModelNotFound / ModelNotReady."""
@@ -89,6 +91,8 @@ class ModelTable:
         if not versions:
             if name in self._pending:
                 raise ModelNotReady(f"model {name!r} is not ready")
+            if name in self.failed:
+                raise ModelNotFound(f"model {name!r} failed to load and serves no version")
             raise ModelNotFound(f"unknown model {name!r}")
         if wanted is None:
             ready = [m for m in versions.values() if m.ready]

@@ -131,8 +131,9 @@ class Frontend:
         task.add_done_callback(self._background.discard)
 
     async def _update_health(self) -> None:
-        """Overall: SERVING while ready and the engine is there; per model: SERVING while it serves."""
-        serving = self.state is ServerState.READY and self.engine.connected
+        """Overall: SERVING while ready, the engine is there and (with --strict-readiness) no model
+        failed to load; per model: SERVING while it serves."""
+        serving = self.state is ServerState.READY and self.engine.connected and not self.models.failed
         overall = _SERVING if serving else _NOT_SERVING
         # Triton answers for its own service name as for the whole server
         statuses = {"": overall, "inference.GRPCInferenceService": overall}

@@ -145,6 +145,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ready=self.server_state() is ServerState.READY
             and self.engine.connected
             and bool(self.models.ready_models())
+            and not self.models.failed  # only with --strict-readiness does the engine report them
         )
 
     @rpc

@@ -70,22 +70,67 @@ def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own
         assert server.stop() == 0, server.output()
 
 
-def test_corrupt_only_version_at_start_is_reported(own_repository):
+def _health(client, service=""):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_a_model_that_failed_at_start_makes_the_server_not_ready_as_tritons_strict_readiness(own_repository):
+    from grpc_health.v1 import health_pb2
+
     broken = own_repository / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.json").write_text("{not json")
     (broken / "model.onnx").write_bytes(b"junk")
-    server = RunningServer(own_repository)
+    server = RunningServer(own_repository, wait=False)  # never ready: it waits for the model instead
     try:
         with Client(server.url) as client:
+            assert _wait_for(lambda: _ready(client, "digits"), timeout=60), server.output()
             state, reason = repository_index(client)[("broken", "1")]
             assert state == "UNAVAILABLE" and "JSON" in reason
-            assert client.infer("digits", array=X).model_name == "digits"  # the others serve
+            # Triton 2.51 with --strict-readiness (its default): not ready, health NOT_SERVING, the rest serve
+            assert client.stub.ServerLive(pb.ServerLiveRequest()).live
+            assert not client.stub.ServerReady(pb.ServerReadyRequest()).ready
+            assert _health(client) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert client.infer("digits", array=X).model_name == "digits"
+            with pytest.raises(grpc.RpcError) as info:
+                client.infer("broken", array=X)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # unloaded on request: ready again, and the index keeps the load error as the reason
+            client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="broken"))
+            assert _wait_for(lambda: client.stub.ServerReady(pb.ServerReadyRequest()).ready, timeout=10)
+            assert _health(client) == health_pb2.HealthCheckResponse.SERVING
+            assert "JSON" in repository_index(client)[("broken", "1")][1]
+            # a load that fails again: not ready again
+            with pytest.raises(grpc.RpcError) as info:
+                client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
+            assert _wait_for(lambda: not client.stub.ServerReady(pb.ServerReadyRequest()).ready, timeout=10)
+    finally:
+        assert server.stop() == 0
+
+
+def test_without_strict_readiness_a_failed_model_is_unavailable_and_the_server_ready(own_repository):
+    broken = own_repository / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.json").write_text("{not json")
+    server = RunningServer(own_repository, "--strict-readiness", "0")
+    try:
+        with Client(server.url) as client:
+            assert client.stub.ServerReady(pb.ServerReadyRequest()).ready
             with pytest.raises(grpc.RpcError) as info:
                 client.infer("broken", array=X)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert server.stop() == 0
+
+
+def _ready(client, name):
+    try:
+        return client.stub.ModelReady(pb.ModelReadyRequest(name=name)).ready
+    except grpc.RpcError:
+        return False  # not listening yet
 
 
 def test_sigterm_under_load_answers_every_accepted_request(own_repository):
@@ -188,3 +233,30 @@ def test_auth_token_guards_every_rpc_but_health(own_repository):
         assert results[0] is not None and "UNAUTHENTICATED" in str(results[0])
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_concurrent_loads_and_unloads_of_a_good_model_never_fail(own_repository):
+    server = RunningServer(own_repository)
+    failures: list[str] = []
+
+    def toggle() -> None:
+        with Client(server.url) as client:
+            for _ in range(8):
+                try:
+                    client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"))
+                    client.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"))
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+    try:
+        threads = [threading.Thread(target=toggle) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert failures == []  # a load's outcome is decided before another client's unload may run
+        with Client(server.url) as client:
+            client.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"))
+            assert client.infer("digits", array=X).model_name == "digits"
+    finally:
+        assert server.stop() == 0
