@@ -9,16 +9,12 @@ writes (the request recorder, the registry); a second instance never clashes wit
 
 from __future__ import annotations
 
-import hmac
 import os
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from http.server import ThreadingHTTPServer
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from .gpu_metrics import GpuCollector
@@ -107,7 +103,8 @@ class Metrics:
         self.refusals = Counter(
             "convserve_refusals_total", "requests refused by a limit, by the limit", ["limit"], registry=r
         )
-        for limit in ("batch_size", "queue_size", "image_bytes", "image_format", "image_pixels", "shm_regions"):
+        limits = ("batch_size", "queue_size", "image_bytes", "image_format", "image_pixels", "shm_regions")
+        for limit in (*limits, "health_watches"):
             self.refusals.labels(limit)  # known label values start at 0
         self._queue_depth = _QueueDepth()
         self._queue_depth_gauge: Optional[Gauge] = None
@@ -155,32 +152,3 @@ class Metrics:
         if self._queue_depth_gauge is not None:
             for model, depth in self._queue_depth.source().items():
                 self._queue_depth_gauge.labels(model).set(depth)
-
-    def serve(self, port: int, host: str = "0.0.0.0", token: str = ""):
-        """Start the /metrics HTTP endpoint; returns (server, thread)."""
-        return serve_metrics(self.registry, port, host, token)
-
-
-def serve_metrics(registry: CollectorRegistry, port: int, host: str, token: str = ""):
-    """/metrics over HTTP in a daemon thread; with a token, only for `Authorization: Bearer <token>`."""
-    if not token:
-        return start_http_server(port, addr=host, registry=registry)
-    expected = f"Bearer {token}".encode()
-    base = MetricsHandler.factory(registry)
-
-    class Guarded(base):  # type: ignore[valid-type,misc]
-        def do_GET(self) -> None:
-            if not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", "Bearer")
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_message(self, format: str, *args) -> None:  # quiet, like prometheus_client's own
-            pass
-
-    server = ThreadingHTTPServer((host, port), Guarded)
-    thread = threading.Thread(target=server.serve_forever, daemon=True, name="metrics")
-    thread.start()
-    return server, thread

@@ -36,6 +36,9 @@ class Settings:
     tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it (mutual TLS)")
     metrics_host: str = _opt("", "address of the metrics endpoint (default: --host)")
     metrics_require_token: int = _opt(0, "1: /metrics needs the auth token too (Prometheus: authorization credentials)")
+    metrics_max_connections: int = _opt(
+        64, "connections /metrics holds at once (more are closed at once; idle ones close after 10 s)"
+    )
     auth_token: str = _opt(
         "",
         "require 'authorization: Bearer TOKEN' on every RPC but health "
@@ -57,6 +60,9 @@ class Settings:
         0,
         "1: a request's `timeout` parameter (microseconds) bounds its time in the queue, as Triton's queue "
         "policy allow_timeout_override; 0 (Triton's default): ignored, the gRPC deadline still applies",
+    )
+    max_health_watches: int = _opt(
+        64, "health Watch streams each front-end keeps open at once (health needs no token); past it RESOURCE_EXHAUSTED"
     )
     max_shm_regions: int = _opt(
         0, "system shared-memory regions that may be registered at once (0: a quarter of the open-file limit)"
@@ -118,8 +124,12 @@ class Settings:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.metrics_require_token and not self.auth_token:
             raise ValueError("--metrics-require-token needs an auth token (CONVSERVE_AUTH_TOKEN)")
-        if self.max_streams_per_connection < 1 or self.max_stream_in_flight < 1:
-            raise ValueError("max_streams_per_connection and max_stream_in_flight must be at least 1")
+        bounds = (self.max_streams_per_connection, self.max_stream_in_flight, self.max_health_watches)
+        if min(*bounds, self.metrics_max_connections) < 1:
+            raise ValueError(
+                "max_streams_per_connection, max_stream_in_flight, max_health_watches, metrics_max_connections: "
+                "at least 1"
+            )
         if self.frontends != "auto" and not (self.frontends.isdigit() and 1 <= int(self.frontends) <= 64):
             raise ValueError(f"frontends must be auto or 1 to 64, not {self.frontends!r}")
         if self.max_shm_regions < 0:

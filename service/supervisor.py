@@ -262,15 +262,16 @@ class Supervisor:
         from prometheus_client import CollectorRegistry, multiprocess
 
         from .gpu_metrics import GpuCollector
-        from .metrics import serve_metrics
+        from .metrics_http import MetricsEndpoint
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)
         registry.register(GpuCollector())  # the GPUs, read once for all processes
         s = self.settings
         token = s.auth_token if s.metrics_require_token else ""
-        server, _ = serve_metrics(registry, s.metrics_port, s.metrics_host or s.host, token)
-        return server
+        return MetricsEndpoint(
+            registry, s.metrics_host or s.host, s.metrics_port, token, max_connections=s.metrics_max_connections
+        ).start()
 
 
 def serve(settings: Settings) -> int:

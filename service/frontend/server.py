@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from convserve.cpus import available_cpus
@@ -31,6 +31,7 @@ from ..settings import Settings
 from .auth import AuthInterceptor
 from .dataplane import DataPlane
 from .engine_link import EngineLink
+from .health import NOT_SERVING, SERVING, Health
 from .introspection import IntrospectionServicer
 from .limits import cards_on_disk, message_limits, needed
 from .models import ModelTable
@@ -39,9 +40,6 @@ from .preprocess import blank_png, preprocess_encoded
 from .servicer import InferenceServicer, ServerState, add_to_server
 
 log = logging.getLogger("convserve.frontend")
-
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials:
@@ -59,22 +57,6 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-class ServerHealth(health.aio.HealthServicer):
-    """grpc.health.v1 as Triton answers it: any service name it does not know (Triton knows none) gets the
-    server's own status, for Check and Watch alike; models' names get theirs."""
-
-    def _as_known(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckRequest:
-        if request.service in self._server_status:
-            return request
-        return health_pb2.HealthCheckRequest(service="")
-
-    async def Check(self, request, context):
-        return await super().Check(self._as_known(request), context)
-
-    async def Watch(self, request, context):
-        return await super().Watch(self._as_known(request), context)
-
-
 class Frontend:
     """One front-end: started once the engine has answered, stopped on SIGTERM."""
 
@@ -88,7 +70,7 @@ class Frontend:
         self.arena = Arena.create(f"convserve-frontend-{index}", settings.arena_mib << 20)
         self.engine = EngineLink(socket_path, self.arena, index, self._models_changed, self._engine_changed)
         self.recorder = Recorder(self.metrics, self.models.is_served, self.engine.stat)
-        self.health = ServerHealth()
+        self.health = Health(settings.max_health_watches, self.recorder)
         # Image decoding and response tensors: CPU work that must stay off the event loop; as many
         # threads as CPUs, since more would only queue for the same cores.
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
@@ -120,29 +102,27 @@ class Frontend:
                     self.limits.receive,
                     self.limits.send,
                 )
-        self._in_background(self._update_health())
+        self._update_health()
 
     def _engine_changed(self, connected: bool) -> None:
-        self._in_background(self._update_health())
+        self._update_health()
 
     def _in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _update_health(self) -> None:
+    def _update_health(self) -> None:
         """Overall: SERVING while ready, the engine is there and (with --strict-readiness) no model
         failed to load; per model: SERVING while it serves."""
         serving = self.state is ServerState.READY and self.engine.connected and not self.models.failed
-        overall = _SERVING if serving else _NOT_SERVING
-        # Triton answers for its own service name as for the whole server
-        statuses = {"": overall, "inference.GRPCInferenceService": overall}
+        overall = SERVING if serving else NOT_SERVING
+        statuses = {"": overall}  # what any other name gets, as Triton answers
         for name in self.models.known_names():
-            statuses[name] = _NOT_SERVING
+            statuses[name] = NOT_SERVING
         for name in self.models.served_names():
             statuses[name] = overall
-        for name, status in statuses.items():
-            await self.health.set(name, status)
+        self.health.set(statuses)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -168,7 +148,7 @@ class Frontend:
         ipb_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.models, self.recorder), self.grpc_server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self.grpc_server.add_generic_rpc_handlers((self.health.handler(),))
         # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.
         try:
             POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
@@ -189,7 +169,7 @@ class Frontend:
         if bound == 0:
             raise OSError(f"cannot listen on {address}")
         self.state = ServerState.READY
-        await self._update_health()
+        self._update_health()
         await self.grpc_server.start()
         log.info("front-end %s listening on %s (gRPC)", self.identity, address)
 
@@ -201,7 +181,8 @@ class Frontend:
     async def stop(self) -> None:
         """NOT_SERVING, refuse new requests, finish those in flight within the grace period."""
         self.state = ServerState.STOPPING
-        await self._update_health()
+        self._update_health()
+        self.health.close()
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.grace_period)
         await self.engine.close()

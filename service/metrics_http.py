@@ -1,0 +1,153 @@
+"""The /metrics endpoint: aiohttp on an event loop of its own, in a thread of the supervisor.
+
+Nothing here may be held by a client that does not scrape: connections are bounded (past
+`max_connections`, a new one is closed at once and counted), a connection that sends no complete
+request within `idle_timeout` seconds is closed (aiohttp's keep-alive timeout covers the time before
+the first request and between requests), and collecting, which reads every process's metrics files,
+runs off the loop, one scrape at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from typing import Any, Optional
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+log = logging.getLogger(__name__)
+
+
+class _Bounded(asyncio.Protocol):
+    """One connection, handed to aiohttp's protocol unless the endpoint already holds its most."""
+
+    def __init__(self, endpoint: MetricsEndpoint, inner: asyncio.Protocol) -> None:
+        self._endpoint = endpoint
+        self._inner = inner
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._endpoint.connections >= self._endpoint.max_connections:
+            self._endpoint.refused += 1
+            transport.close()
+            return
+        self._endpoint.connections += 1
+        self._counted = True
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._counted:
+            self._endpoint.connections -= 1
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class MetricsEndpoint:
+    """Serves `registry` at /metrics on host:port until `shutdown()`; with a token, only to
+    `Authorization: Bearer <token>`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        token: str = "",
+        max_connections: int = 64,
+        idle_timeout: float = 10.0,
+    ) -> None:
+        self.registry = registry
+        self.host, self.port = host, port
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connections = 0  # open now (touched only on the endpoint's loop)
+        self.refused = 0  # connections closed at once because `max_connections` were open
+        self._expected = f"Bearer {token}".encode() if token else b""
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._scrape = asyncio.Lock()  # bound to the endpoint's loop at first use
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        registry.register(self)
+
+    def collect(self):
+        """Its own refusals, beside the request refusals the serving processes count."""
+        family = CounterMetricFamily(
+            "convserve_metrics_connections_refused",
+            "connections to /metrics closed at once because the endpoint held its most",
+        )
+        family.add_metric([], self.refused)
+        yield family
+
+    def start(self) -> MetricsEndpoint:
+        """Listen; raises what binding raised (a port in use)."""
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def shutdown(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._started.set()
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._metrics)  # prometheus_client's own server answers on any path
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.idle_timeout, handle_signals=False)
+        await runner.setup()
+        self._stop = asyncio.Event()
+        assert runner.server is not None
+        factory: Any = runner.server
+        try:
+            server = await self._loop.create_server(
+                lambda: _Bounded(self, factory()), self.host, self.port, reuse_address=True
+            )
+        except OSError as exc:
+            self._error = exc
+            await runner.cleanup()
+            return
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            await runner.shutdown()
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if self._expected and not hmac.compare_digest(
+            request.headers.get("Authorization", "").encode(), self._expected
+        ):
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+        async with self._scrape:  # reading every process's files: one scrape at a time, off the loop
+            body = await asyncio.to_thread(generate_latest, self.registry)
+        response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
