@@ -236,6 +236,7 @@ class ModelCard:
     feature_maps: list[dict]  # {"name": "conv1", "layer": "features.1", "shape": [-1, C, H, W]}
     sha256: str  # of model.onnx
     onnx_bytes: int = 0
+    external_data: dict[str, str] = field(default_factory=dict)  # file beside model.onnx -> its sha256
     arithmetic: dict = field(default_factory=dict)  # the arithmetic table (convserve.models.arithmetic)
     training: dict = field(default_factory=dict)  # provenance: dataset, epochs, accuracy, seed, date
     export: dict = field(default_factory=dict)  # opset, parity, versions
@@ -258,7 +259,12 @@ class ModelCard:
             "arithmetic": self.arithmetic,
             "training": self.training,
             "export": self.export,
-            "onnx": {"file": MODEL_FILE, "sha256": self.sha256, "bytes": self.onnx_bytes},
+            "onnx": {
+                "file": MODEL_FILE,
+                "sha256": self.sha256,
+                "bytes": self.onnx_bytes,
+                **({"external_data": self.external_data} if self.external_data else {}),
+            },
         }
 
     def to_json(self) -> bytes:
@@ -282,10 +288,11 @@ class ModelCard:
                     TensorSpec(str(o["name"]), str(o["datatype"]), tuple(int(d) for d in o["shape"]))
                     for o in data["outputs"]
                 ],
-                feature_maps=list(data.get("feature_maps", [])),
+                feature_maps=_checked_feature_maps(data.get("feature_maps", [])),
                 sha256=str(data["onnx"]["sha256"]),
                 onnx_bytes=int(data["onnx"].get("bytes", 0)),
-                arithmetic=dict(data.get("arithmetic") or {}),
+                external_data={str(k): str(v) for k, v in dict(data["onnx"].get("external_data") or {}).items()},
+                arithmetic=_checked_arithmetic(data.get("arithmetic")),
                 training=dict(data.get("training") or {}),
                 export=dict(data.get("export") or {}),
             )
@@ -303,3 +310,58 @@ class ModelCard:
         except json.JSONDecodeError as exc:
             raise ContractError(f"model.json is not valid JSON ({exc.msg})") from None
         return cls.from_dict(data)
+
+
+_INT64 = 1 << 63
+
+
+def _is_int(value: Any, low: int = -_INT64) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < _INT64
+
+
+def _checked_feature_maps(entries: Any) -> list[dict]:
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries
+    ):
+        raise ContractError("model.json's feature_maps must be a list of objects with a name")
+    return entries
+
+
+def _checked_arithmetic(table: Any) -> dict:
+    """The card's arithmetic table (convserve.models.arithmetic writes it), checked field by field
+    against what DescribeModel sends, so a malformed one refuses the version at load instead of
+    failing every DescribeModel."""
+    if not table:
+        return {}
+
+    def fail(what: str) -> ContractError:
+        return ContractError(f"model.json's arithmetic is malformed: {what}")
+
+    if not isinstance(table, dict) or not isinstance(table.get("layers"), list):
+        raise fail("expected an object with a list of layers")
+    for key in ("total_params", "total_macs"):
+        if not _is_int(table.get(key), 0):
+            raise fail(f"{key} must be a non-negative integer")
+    for index, layer in enumerate(table["layers"]):
+        if not isinstance(layer, dict):
+            raise fail(f"layer {index} is not an object")
+        for key in ("name", "kind", "op"):
+            if not isinstance(layer.get(key), str):
+                raise fail(f"layer {index}: {key} must be a string")
+        if not isinstance(layer.get("detail", ""), str):
+            raise fail(f"layer {index}: detail must be a string")
+        for key in ("params", "macs", "activations"):
+            if not _is_int(layer.get(key), 0):
+                raise fail(f"layer {index}: {key} must be a non-negative integer")
+        for key, optional in (
+            ("input_shape", False),
+            ("output_shape", False),
+            ("receptive_field", True),
+            ("jump", True),
+        ):
+            value = layer.get(key)
+            if value is None and optional:
+                continue
+            if not isinstance(value, list) or not all(_is_int(v) for v in value):
+                raise fail(f"layer {index}: {key} must be a list of integers")
+    return table

@@ -14,7 +14,12 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROTOS = ["inference/model_config.proto", "inference/grpc_service.proto", "convserve/v1/introspection.proto"]
+PROTOS = [
+    "inference/model_config.proto",
+    "inference/grpc_service.proto",
+    "convserve/v1/introspection.proto",
+    "convserve/v1/onnx_files.proto",
+]
 
 
 def generate(out_dir: str) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import zipfile
 
 import numpy as np
 
-from convserve.contract import FILTERS_FILE
+from convserve.contract import FILTERS_FILE, MODEL_FILE
 
 from ..errors import FailedPrecondition, NotFound
 from ..proto import introspection_pb2 as ipb
@@ -67,23 +68,39 @@ class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
             raise NotFound(f"no feature map {request.feature_map[:64]!r}; this model has: {known}")
         if "conv" not in entry:
             raise FailedPrecondition(f"feature map {entry['name']!r} is not the output of a single convolution")
+        limit = model.card.onnx_bytes or os.path.getsize(os.path.join(model.folder, MODEL_FILE))
         try:
-            weights = await asyncio.to_thread(_read_filters, model.folder, entry["name"])
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            shape, weights = await asyncio.to_thread(_read_filters, model.folder, entry["name"], limit)
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise FailedPrecondition(
-                f"version {model.version} of {model.name!r} has no readable {FILTERS_FILE}: export it again"
+                f"version {model.version} of {model.name!r} has no readable {FILTERS_FILE} ({str(exc)[:200]}): "
+                "export it again"
             ) from None
-        return ipb.LayerFiltersResponse(
-            feature_map=entry["name"],
-            layer=entry["conv"],
-            shape=list(weights.shape),
-            weights=weights.astype("<f4", copy=False).tobytes(),
-        )
+        return ipb.LayerFiltersResponse(feature_map=entry["name"], layer=entry["conv"], shape=shape, weights=weights)
 
 
-def _read_filters(folder: str, name: str) -> np.ndarray:
-    with np.load(os.path.join(folder, FILTERS_FILE), allow_pickle=False) as archive:
-        weights = archive[name]
-    if weights.ndim != 4:
-        raise ValueError(f"{name}: expected (out, in, kh, kw), got {weights.shape}")
-    return weights
+def _read_filters(folder: str, name: str, limit: int) -> tuple[list[int], bytes]:
+    """One layer's kernels as (shape, little-endian float32 bytes), in a worker thread.
+
+    The sizes the archive declares are checked before anything is unpacked: a layer's kernels are
+    part of model.onnx, so they cannot take more bytes than it has (`limit`)."""
+    with zipfile.ZipFile(os.path.join(folder, FILTERS_FILE)) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if info.file_size > limit + 4096:  # the .npy header is at most a few KiB
+            raise ValueError(f"{name} unpacks to {info.file_size} bytes, more than model.onnx holds")
+        with archive.open(info) as member:
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            reader = readers.get(np.lib.format.read_magic(member))
+            if reader is None:
+                raise ValueError(f"{name}: an .npy format this server does not read")
+            shape, fortran, dtype = reader(member)
+            if len(shape) != 4:
+                raise ValueError(f"{name}: expected (out, in, kh, kw), got {shape}")
+            declared = math.prod(shape) * dtype.itemsize
+            if dtype.kind != "f" or dtype.hasobject or declared > limit:
+                raise ValueError(f"{name} declares {dtype} {shape}: {declared} bytes, more than model.onnx holds")
+            data = member.read(declared)
+    if len(data) != declared:
+        raise ValueError(f"{name} is truncated")
+    weights = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return list(shape), weights.astype("<f4").tobytes()
