@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as triton
 from pytriton.decorators import batch
+from pytriton.exceptions import PyTritonUnrecoverableError
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -31,7 +32,9 @@ def start_triton(repository: str) -> tuple[Triton, str]:
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
     @batch
-    def infer(input):
+    def infer(input=None, image=None):
+        if input is None:
+            raise PyTritonUnrecoverableError("this stand-in takes the tensor input only")
         logits, probabilities = session.run(["logits", "probabilities"], {"input": input.astype(np.float32)})
         return {"logits": logits, "probabilities": probabilities}
 
@@ -42,7 +45,11 @@ def start_triton(repository: str) -> tuple[Triton, str]:
     server.bind(
         model_name="digits",
         infer_func=infer,
-        inputs=[Tensor(name="input", dtype=np.float32, shape=tuple(shape))],
+        # as convserve declares them: the tensor or an encoded image, each optional
+        inputs=[
+            Tensor(name="input", dtype=np.float32, shape=tuple(shape), optional=True),
+            Tensor(name="image", dtype=np.bytes_, shape=(1,), optional=True),
+        ],
         outputs=[
             Tensor(name="logits", dtype=np.float32, shape=(-1,)),
             Tensor(name="probabilities", dtype=np.float32, shape=(-1,)),
@@ -148,7 +155,106 @@ def probes(url: str) -> dict[str, str]:
             )
         except grpc.RpcError as exc:
             out["health inference.GRPCInferenceService"] = exc.code().name
+    second_pass(url, client, out)
     return out
+
+
+def _code(call) -> str:
+    """The gRPC status code a raw call answers, or OK."""
+    import grpc
+
+    try:
+        call()
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def second_pass(url: str, client, out: dict) -> None:
+    """Issue 17's ground: names, versions, parameters, shared memory and health, by status code."""
+    from multiprocessing import shared_memory
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", 8 << 20)])
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    x = np.zeros((1, 1, 32, 32), np.float32)
+
+    def request(version="", name="digits", **parameters):
+        r = pb.ModelInferRequest(model_name=name, model_version=version)
+        r.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        r.raw_input_contents.append(x.tobytes())
+        for key, value in parameters.items():
+            setattr(r.parameters[key], value[0], value[1])
+        return r
+
+    out["infer version 0"] = _code(lambda: stub.ModelInfer(request("0"), timeout=10))
+    out["infer empty name"] = _code(lambda: stub.ModelInfer(request(name=""), timeout=10))
+    out["infer empty request"] = _code(lambda: stub.ModelInfer(pb.ModelInferRequest(), timeout=10))
+    out["metadata version 0"] = _code(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="digits", version="0")))
+    out["config empty name"] = _code(lambda: stub.ModelConfig(pb.ModelConfigRequest(name="")))
+    ready = stub.ModelReady(pb.ModelReadyRequest(name="no_such_model"), timeout=10).ready
+    out["ModelReady unknown"] = f"OK ready={ready}"
+    out["statistics unknown model"] = _code(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="nope")))
+    out["statistics unknown version"] = _code(
+        lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits", version="9"))
+    )
+    out["trace setting unknown model"] = _code(lambda: stub.TraceSetting(pb.TraceSettingRequest(model_name="nope")))
+    out["index with repository_name"] = _code(
+        lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="elsewhere"))
+    )
+    zero = request()
+    zero.outputs.add(name="probabilities").parameters["classification"].int64_param = 0
+    out["classification 0"] = _code(lambda: stub.ModelInfer(zero, timeout=10))
+    out["priority as a string"] = _code(lambda: stub.ModelInfer(request(priority=("string_param", "high"))))
+    both = request()
+    both.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
+    both.raw_input_contents.append(len(b"png").to_bytes(4, "little") + b"png")
+    out["both inputs (tensor used)"] = _code(lambda: stub.ModelInfer(both, timeout=10))
+    # shared memory
+    block = shared_memory.SharedMemory(create=True, size=1 << 16)
+    try:
+
+        def register(name, offset=0, size=1 << 16):
+            register_request = pb.SystemSharedMemoryRegisterRequest(
+                name=name, key=block.name, offset=offset, byte_size=size
+            )
+            return _code(lambda: stub.SystemSharedMemoryRegister(register_request, timeout=10))
+
+        out["shm register offset 100"] = register("odd", offset=100, size=4096)
+        out["shm region name 'a b/c'"] = register("a b/c")
+        via_unknown = request()
+        via_unknown.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "never_registered"
+        via_unknown.outputs[0].parameters["shared_memory_byte_size"].int64_param = 40
+        out["output into an unknown region"] = _code(lambda: stub.ModelInfer(via_unknown, timeout=10))
+        classified = request()
+        classified.outputs.add(name="probabilities")
+        for key, kind, value in (
+            ("shared_memory_region", "string_param", "a b/c"),
+            ("shared_memory_byte_size", "int64_param", 4096),
+            ("classification", "int64_param", 1),
+        ):
+            setattr(classified.outputs[0].parameters[key], kind, value)
+        out["classification into a region"] = _code(lambda: stub.ModelInfer(classified, timeout=10))
+        stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), timeout=10)
+    finally:
+        block.close()
+        block.unlink()
+    cuda = stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), timeout=10)
+    out["CUDA shm status"] = f"OK regions={len(cuda.regions)}"
+    out["CUDA shm unregister all"] = _code(
+        lambda: stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(), timeout=10)
+    )
+    health = health_pb2_grpc.HealthStub(channel)
+    answer = health.Check(health_pb2.HealthCheckRequest(service="anything.at.all"), timeout=10)
+    out["health 'anything.at.all'"] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    out["health 4 MB service name"] = _code(
+        lambda: health.Check(health_pb2.HealthCheckRequest(service="x" * (4 << 20)), timeout=10)
+    )
+    channel.close()
 
 
 def main() -> None:
