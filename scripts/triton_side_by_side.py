@@ -4,6 +4,9 @@ with onnxruntime in its Python backend) and to convserve, printing what each ans
 Run in a venv of its own (PyTriton brings tritonserver; do not mix it into .venv):
     python3 -m venv /tmp/pyt && /tmp/pyt/bin/pip install nvidia-pytriton 'tritonclient[grpc]' onnxruntime numpy
     /tmp/pyt/bin/python scripts/triton_side_by_side.py MODEL_REPOSITORY CONVSERVE_URL
+(its Python backend's stub links the system's libpython; when the venv's Python is another build of
+the same version, e.g. pyenv's, point LD_LIBRARY_PATH at that Python's lib/ folder, or the model
+fails to load with "'_thread.RLock' object has no attribute '_recursion_count'")
 with `convserve serve --repository MODEL_REPOSITORY` listening at CONVSERVE_URL. Only the protocol
 front end is compared (codes, messages, order, statistics); the backends differ by design.
 """

@@ -11,7 +11,9 @@ checked, so an oversized one costs its bytes for the moment it takes to refuse i
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from collections.abc import AsyncIterator, Mapping
+from typing import Any, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -21,6 +23,10 @@ from .observe import Outcome, Recorder
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_REQUEST_BYTES = 1024
+try:
+    _LIBC: Any = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
 _SERVICE = "grpc.health.v1.Health"
 
 
@@ -32,6 +38,7 @@ class Health:
         self._statuses: dict[str, int] = {"": NOT_SERVING}
         self._changed = asyncio.Event()  # replaced after every change: watchers wait on the one they saw
         self._closing = False
+        self._trim: Optional[asyncio.TimerHandle] = None
 
     def set(self, statuses: Mapping[str, int]) -> None:
         """The whole table at once ("" is the server); every Watch stream looks again."""
@@ -45,11 +52,23 @@ class Health:
         self._closing = True
         self.set(self._statuses)
 
+    def _trim_soon(self) -> None:
+        """After oversized requests, hand their freed memory back to the system (glibc keeps freed
+        multi-megabyte blocks in its heap once its mmap threshold has grown past them): once, a moment
+        after a burst, not per request."""
+        if self._trim is None and _LIBC is not None:
+            self._trim = asyncio.get_running_loop().call_later(0.5, self._trimmed)
+
+    def _trimmed(self) -> None:
+        self._trim = None
+        _LIBC.malloc_trim(0)
+
     def status(self, service: str) -> int:
         return self._statuses.get(service, self._statuses[""])
 
     async def _request(self, raw: bytes, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckRequest:
         if len(raw) > MAX_REQUEST_BYTES:
+            self._trim_soon()
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"health request of {len(raw)} bytes: at most {MAX_REQUEST_BYTES} (a service name is short)",

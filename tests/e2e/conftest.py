@@ -49,7 +49,11 @@ class RunningServer:
             stderr=subprocess.STDOUT,
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(signal.SIGKILL)  # a server that never got ready must not outlive the test
+                raise
 
     def wait_ready(self, timeout=60):
         from convserve.client import wait_until_ready
