@@ -182,11 +182,11 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         metrics_server = None
         try:
+            if self.settings.metrics_port:  # first: it answers (model_ready 0) while the models load
+                metrics_server = self._serve_metrics()
             versions = self.start_engine()
             for index in range(self.count):
                 self.start_frontend(index)
-            if self.settings.metrics_port:
-                metrics_server = self._serve_metrics()
             print(
                 f"convserve: serving {versions} model version(s) on {self.settings.host}:{self.port} "
                 f"({self.count} front-end{'s' if self.count > 1 else ''}, one engine)",
@@ -269,9 +269,12 @@ class Supervisor:
         registry.register(GpuCollector())  # the GPUs, read once for all processes
         s = self.settings
         token = s.auth_token if s.metrics_require_token else ""
-        return MetricsEndpoint(
-            registry, s.metrics_host or s.host, s.metrics_port, token, max_connections=s.metrics_max_connections
-        ).start()
+        host = s.metrics_host or s.host
+        try:
+            endpoint = MetricsEndpoint(registry, host, s.metrics_port, token, max_connections=s.metrics_max_connections)
+            return endpoint.start()
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve /metrics on {host}:{s.metrics_port}: {exc.strerror or exc}") from None
 
 
 def serve(settings: Settings) -> int:
