@@ -427,6 +427,8 @@ def _start_server(repository: str, port: int, args: Sequence[str]) -> subprocess
             str(port),
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--log-level",
             "WARNING",
             *args,

@@ -90,7 +90,7 @@ from convserve.service.client import Client, wait_until_ready
 ort.preload_dlls()
 path = glob.glob("/tmp/bench/alexnet/*/model.onnx")[0]
 server = subprocess.Popen([sys.executable, "-m", "convserve", "serve", "--repository", "/tmp/bench", "--host", "127.0.0.1",
-                           "--grpc-port", "8701", "--metrics-port", "0", "--log-level", "INFO"])
+                           "--grpc-port", "8701", "--metrics-port", "0", "--http-port", "0", "--log-level", "INFO"])
 try:
     wait_until_ready("127.0.0.1:8701", server)
     x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)

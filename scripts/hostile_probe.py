@@ -136,7 +136,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)  # noqa: SIM115 (kept: the log)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "convserve", "serve", "--repository", repository, "--host", "127.0.0.1",
-             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), *flags],
+             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", "0", *flags],
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_until_ready(self.url, self.process, 120)

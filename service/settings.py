@@ -27,6 +27,7 @@ class Settings:
     # network; 8001 and 8002 are Triton's numbers, so dashboards and habits carry over
     host: str = _opt("0.0.0.0", "address to listen on")
     grpc_port: int = _opt(8001, "gRPC port (0: any free port)")
+    http_port: int = _opt(8000, "V2 HTTP/REST port, Triton's binary tensor extension included (0: off)")
     metrics_port: int = _opt(8002, "Prometheus /metrics port (0: off)")
     max_message_bytes: int = _opt(
         0, "largest gRPC message accepted or sent (0: what the served models' largest request and response need)"

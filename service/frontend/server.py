@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -32,6 +34,7 @@ from .auth import AuthInterceptor
 from .dataplane import DataPlane
 from .engine_link import EngineLink
 from .health import NOT_SERVING, SERVING, Health
+from .http import HttpFrontDoor
 from .introspection import IntrospectionServicer
 from .limits import cards_on_disk, message_limits, needed
 from .models import ModelTable
@@ -77,6 +80,7 @@ class Frontend:
         self.dataplane = DataPlane(self.models, self.engine, self.arena, self.codec_executor)
         self.identity = f"{index}/{count}"
         self.grpc_server: Optional[grpc.aio.Server] = None
+        self.http_runner: Optional[web.AppRunner] = None
         self.limits = message_limits(cards_on_disk(settings.repository), settings)
         self._background: set[asyncio.Future] = set()
 
@@ -139,12 +143,10 @@ class Frontend:
         ]
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
-        add_to_server(
-            InferenceServicer(
-                self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
-            ),
-            self.grpc_server,
+        servicer = InferenceServicer(
+            self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
         )
+        add_to_server(servicer, self.grpc_server)
         ipb_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.models, self.recorder), self.grpc_server
         )
@@ -168,10 +170,29 @@ class Frontend:
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"cannot listen on {address}")
+        if s.http_port:
+            await self._start_http(servicer)
         self.state = ServerState.READY
         self._update_health()
         await self.grpc_server.start()
         log.info("front-end %s listening on %s (gRPC)", self.identity, address)
+
+    async def _start_http(self, servicer: InferenceServicer) -> None:
+        """V2 HTTP/REST on the same event loop, the same servicer, its port shared by the front-ends."""
+        s = self.settings
+        door = HttpFrontDoor(servicer, s.auth_token, self.limits.receive)
+        self.http_runner = web.AppRunner(door.application(), access_log=None, handle_signals=False)
+        await self.http_runner.setup()
+        context = None
+        if s.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+            if s.tls_client_ca:
+                context.load_verify_locations(s.tls_client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        site = web.TCPSite(self.http_runner, s.host, s.http_port, ssl_context=context, reuse_port=True)
+        await site.start()
+        log.info("front-end %s listening on %s:%d (HTTP)", self.identity, s.host, s.http_port)
 
     def stop_now(self) -> None:
         """Cut the grace period short: the RPCs still running are cancelled."""
@@ -183,8 +204,12 @@ class Frontend:
         self.state = ServerState.STOPPING
         self._update_health()
         self.health.close()
+        if self.http_runner is not None:  # stops listening, lets requests in progress finish
+            await self.http_runner.shutdown()
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.grace_period)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
         await self.engine.close()
         await asyncio.to_thread(self.codec_executor.shutdown, wait=True)
         self.arena.close()

@@ -24,6 +24,7 @@ class RunningServer:
         self.repository = str(repository)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.path.dirname(self.repository), f"server-{self.port}.log")
         self.log = open(self.log_path, "w")
@@ -41,6 +42,8 @@ class RunningServer:
                 str(self.port),
                 "--metrics-port",
                 str(self.metrics_port),
+                "--http-port",
+                str(self.http_port),
                 *extra,
             ],
             cwd=ROOT,

@@ -1,0 +1,410 @@
+"""The V2 HTTP/REST protocol (KServe's, with Triton's binary tensor extension), on aiohttp.
+
+Runs in each front-end, on the event loop its gRPC server runs on, on `--http-port` (shared by the
+front-ends as gRPC's is). Every route turns its request into the gRPC request message and calls the
+same servicer method gRPC calls, so validation, limits, metrics and statistics are one code; the
+answer message becomes V2 JSON. Inference builds the JSON itself around the output tensors, which
+travel as JSON numbers or, with `binary_data`, as raw bytes after the JSON header
+(`Inference-Header-Content-Length`). Errors are V2's `{"error": "..."}` with the HTTP status Triton
+gives the same case.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Optional
+
+import grpc
+import numpy as np
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from ..errors import InvalidInput, ServingError, status_of
+from ..proto import grpc_service_pb2 as pb
+from .observe import Outcome
+from .protocol import InferResult
+from .servicer import InferenceServicer, ServerState
+
+log = logging.getLogger(__name__)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# gRPC status -> the HTTP status Triton answers for the same error
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
+           "UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_}  # fmt: skip
+_INTEGER_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Context:
+    """What the servicer's methods use of a gRPC context, for a request that came over HTTP."""
+
+    def __init__(self, timeout_s: Optional[float] = None) -> None:
+        self._timeout = timeout_s
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise _Aborted(code, message)
+
+    def time_remaining(self) -> Optional[float]:
+        return self._timeout
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
+
+
+def _error(code: grpc.StatusCode, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=_HTTP_STATUS.get(code, 500))
+
+
+def to_json(message: Message) -> dict:
+    """A response message as V2's JSON: field names as in the .proto, 64-bit integers as numbers."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    _numbers(message, data)
+    return data
+
+
+def _numbers(message: Message, data: dict) -> None:
+    for field, value in message.ListFields():
+        if field.name not in data:
+            continue
+        if field.type in _INTEGER_TYPES:
+            data[field.name] = [int(v) for v in value] if _repeated(field) else int(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                value_field = field.message_type.fields_by_name["value"]
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    for key, item in value.items():
+                        _numbers(item, data[field.name][str(key)])
+                elif value_field.type in _INTEGER_TYPES:
+                    data[field.name] = {k: int(v) for k, v in data[field.name].items()}
+            elif _repeated(field):
+                for item, item_data in zip(value, data[field.name]):
+                    _numbers(item, item_data)
+            else:
+                _numbers(value, data[field.name])
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf 6; `label` before
+    return bool(repeated) if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _set_parameter(parameter: pb.InferParameter, value: Any, where: str) -> None:
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    elif isinstance(value, float):
+        parameter.double_param = value
+    elif isinstance(value, str):
+        parameter.string_param = value
+    else:
+        raise InvalidInput(f"{where}: parameter values are booleans, numbers or strings")
+
+
+def _tensor_bytes(tensor: dict, datatype: str) -> bytes:
+    """An input's JSON `data` as the raw bytes gRPC would carry."""
+    data = tensor.get("data")
+    if data is None:
+        raise InvalidInput(f"input {tensor.get('name')!r} has no data (JSON `data` or binary_data_size)")
+    if datatype == "BYTES":  # base64 strings, each one element (an encoded image), as 4-byte-length-prefixed
+        items = np.asarray(data, dtype=object).ravel()
+        out = bytearray()
+        for item in items:
+            if not isinstance(item, str):
+                raise InvalidInput("BYTES input elements in JSON are base64 strings")
+            try:
+                element = base64.b64decode(item, validate=True)
+            except ValueError:
+                raise InvalidInput("a BYTES input element is not valid base64") from None
+            out += len(element).to_bytes(4, "little") + element
+        return bytes(out)
+    dtype = _DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"input {tensor.get('name')!r}: datatype {datatype!r} is not one this server reads")
+    try:
+        return np.asarray(data, dtype=dtype).tobytes()
+    except (TypeError, ValueError):
+        raise InvalidInput(f"input {tensor.get('name')!r}: `data` is not a list of {datatype} numbers") from None
+
+
+def infer_request(name: str, version: str, header: dict, binary: memoryview) -> pb.ModelInferRequest:
+    """V2 JSON (and the binary part after it) -> the gRPC request message."""
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise InvalidInput("the request body is a JSON object with a list of inputs")
+    request = pb.ModelInferRequest(model_name=name, model_version=version, id=str(header.get("id", "")))
+    for key, value in (header.get("parameters") or {}).items():
+        _set_parameter(request.parameters[key], value, "request")
+    offset = 0
+    for tensor in header["inputs"]:
+        if not isinstance(tensor, dict):
+            raise InvalidInput("each input is a JSON object")
+        datatype = str(tensor.get("datatype", ""))
+        message = request.inputs.add(name=str(tensor.get("name", "")), datatype=datatype)
+        try:
+            message.shape.extend(int(d) for d in tensor.get("shape", []))
+        except (TypeError, ValueError):
+            raise InvalidInput(f"input {message.name!r}: shape is a list of integers") from None
+        parameters = dict(tensor.get("parameters") or {})
+        size = parameters.pop("binary_data_size", None)
+        for key, value in parameters.items():
+            _set_parameter(message.parameters[key], value, f"input {message.name!r}")
+        if "shared_memory_region" in parameters:
+            request.raw_input_contents.append(b"")  # its bytes are in the region
+        elif size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInput(f"input {message.name!r}: binary_data_size {size} runs past the body")
+            request.raw_input_contents.append(bytes(binary[offset : offset + size]))
+            offset += size
+        else:
+            request.raw_input_contents.append(_tensor_bytes(tensor, datatype))
+    if any("shared_memory_region" in (t.get("parameters") or {}) for t in header["inputs"]):
+        del request.raw_input_contents[:]  # as gRPC clients send it: no raw contents with a region
+    for output in header.get("outputs") or []:
+        if not isinstance(output, dict):
+            raise InvalidInput("each requested output is a JSON object")
+        message = request.outputs.add(name=str(output.get("name", "")))
+        for key, value in (output.get("parameters") or {}).items():
+            _set_parameter(message.parameters[key], value, f"output {message.name!r}")
+    return request
+
+
+def _strings(data: bytes) -> list[str]:
+    """BYTES elements (4-byte little-endian length, then the bytes) as strings."""
+    items, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 4], "little")
+        items.append(data[offset + 4 : offset + 4 + size].decode("utf-8", "replace"))
+        offset += 4 + size
+    return items
+
+
+def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
+    """The answer's body and the JSON part's length (the body's length when it has no binary part)."""
+    everything_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    binary_wanted = {
+        str(o.get("name")): bool((o.get("parameters") or {}).get("binary_data", everything_binary))
+        for o in header.get("outputs") or []
+        if isinstance(o, dict)
+    }
+    outputs, chunks = [], []
+    for tensor in result.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        parameters: dict[str, Any] = {}
+        if tensor.shm is not None:
+            parameters.update(
+                shared_memory_region=tensor.shm.region,
+                shared_memory_byte_size=tensor.shm.byte_size,
+                **({"shared_memory_offset": tensor.shm.offset} if tensor.shm.offset else {}),
+            )
+        elif binary_wanted.get(tensor.name, everything_binary):
+            parameters["binary_data_size"] = len(tensor.data)
+            chunks.append(tensor.data)
+        elif tensor.datatype == "BYTES":
+            entry["data"] = _strings(tensor.data)
+        else:
+            entry["data"] = np.frombuffer(tensor.data, dtype=_DTYPES[tensor.datatype]).tolist()
+        if parameters:
+            entry["parameters"] = parameters
+        outputs.append(entry)
+    body = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        **({"id": header["id"]} if header.get("id") else {}),
+        "parameters": result.parameters,
+        "outputs": outputs,
+    }
+    text = json.dumps(body, separators=(",", ":")).encode()
+    return b"".join((text, *chunks)), len(text)
+
+
+class HttpFrontDoor:
+    """The routes, over one InferenceServicer (the gRPC one: same state, same checks)."""
+
+    def __init__(self, servicer: InferenceServicer, token: str, max_body_bytes: int) -> None:
+        self.servicer = servicer
+        self.max_body_bytes = max_body_bytes
+        self._expected = f"Bearer {token}".encode() if token else b""
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
+        s = self.servicer
+        route = app.router.add_route
+
+        def named(request: web.Request) -> dict:
+            return {"name": request.match_info["model"], "version": request.match_info.get("version", "")}
+
+        def model(request: web.Request) -> str:
+            return request.match_info["model"]
+
+        route("GET", "/v2/health/live", self._health(lambda: s.ServerLive, pb.ServerLiveRequest, "live"))
+        route("GET", "/v2/health/ready", self._health(lambda: s.ServerReady, pb.ServerReadyRequest, "ready"))
+        route("GET", "/v2", self._unary(lambda r: (s.ServerMetadata, pb.ServerMetadataRequest())))
+        route("GET", "/v2/models/stats", self._unary(lambda r: (s.ModelStatistics, pb.ModelStatisticsRequest())))
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            route("GET", prefix, self._unary(lambda r: (s.ModelMetadata, pb.ModelMetadataRequest(**named(r)))))
+            route("GET", prefix + "/ready", self._model_ready)
+            route(
+                "GET",
+                prefix + "/config",
+                self._unary(lambda r: (s.ModelConfig, pb.ModelConfigRequest(**named(r))), "config"),
+            )
+            route(
+                "GET",
+                prefix + "/stats",
+                self._unary(lambda r: (s.ModelStatistics, pb.ModelStatisticsRequest(**named(r)))),
+            )
+            route("POST", prefix + "/infer", self._infer)
+        route("POST", "/v2/repository/index", self._index)
+        load, unload = pb.RepositoryModelLoadRequest, pb.RepositoryModelUnloadRequest
+        route(
+            "POST",
+            "/v2/repository/models/{model}/load",
+            self._unary(lambda r: (s.RepositoryModelLoad, load(model_name=model(r)))),
+        )
+        route(
+            "POST",
+            "/v2/repository/models/{model}/unload",
+            self._unary(lambda r: (s.RepositoryModelUnload, unload(model_name=model(r)))),
+        )
+        return app
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        """The token (health needs none, as over gRPC), and no traceback ever reaches a client."""
+        guarded = self._expected and not request.path.startswith("/v2/health/")
+        if guarded and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), self._expected):
+            self.servicer.recorder.record(Outcome("HTTP", code=grpc.StatusCode.UNAUTHENTICATED))
+            return web.json_response(
+                {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own (unknown route, body too large): V2's error shape
+            if exc.status == 413:
+                return web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
+            return web.json_response({"error": exc.reason}, status=exc.status)
+        except _Aborted as exc:
+            return _error(exc.code, exc.message)
+        except ServingError as exc:
+            return _error(*status_of(exc))
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path[:200])
+            return _error(grpc.StatusCode.INTERNAL, "internal error: the server logged the details")
+
+    def _health(self, method, message, field: str):
+        async def handle(request: web.Request) -> web.Response:
+            answer = await method()(message(), _Context())
+            return web.Response(status=200 if getattr(answer, field) else 400)
+
+        return handle
+
+    def _unary(self, make: Callable[[web.Request], tuple[Any, Message]], field: str = ""):
+        """A call answered with its message as JSON (or one field of it: V2 HTTP's config is the
+        ModelConfig itself, not gRPC's wrapper)."""
+
+        async def handle(request: web.Request) -> web.Response:
+            method, message = make(request)
+            answer = await method(message, _Context())
+            return web.json_response(to_json(getattr(answer, field) if field else answer))
+
+        return handle
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        named = {"name": request.match_info["model"], "version": request.match_info.get("version", "")}
+        answer = await self.servicer.ModelReady(pb.ModelReadyRequest(**named), _Context())
+        return web.Response(status=200 if answer.ready else 400)
+
+    async def _index(self, request: web.Request) -> web.Response:
+        body = await _json(request, await _body(request))
+        ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
+        answer = await self.servicer.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), _Context())
+        return web.json_response(to_json(answer).get("models", []))
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        length = request.headers.get(HEADER_LENGTH)
+        if length is not None:
+            if not length.isdigit() or int(length) > len(body):
+                raise InvalidInput(f"{HEADER_LENGTH} {length[:32]!r} does not fit the body of {len(body)} bytes")
+            split = int(length)
+        else:
+            split = len(body)
+        header = await _json(request, body[:split])
+        view = memoryview(body)[split:]
+        name, version = request.match_info["model"], request.match_info.get("version", "")
+        timeout_s = None
+        message = infer_request(name, version, header, view)
+        servicer = self.servicer
+        outcome = Outcome("ModelInfer", name)
+        try:
+            with servicer.recorder.observe(outcome):
+                if servicer.server_state() is ServerState.STOPPING:
+                    return _error(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                deadline = None if timeout_s is None else timeout_s
+                _, result = await servicer._run(message, outcome, deadline)
+        except Exception as exc:  # recorded (and if a bug, logged) by observe
+            return _error(*status_of(exc))
+        data, json_length = infer_response(header, result)
+        headers = {"Content-Type": "application/json" if json_length == len(data) else "application/octet-stream"}
+        if json_length != len(data):
+            headers[HEADER_LENGTH] = str(json_length)
+        response = web.Response(body=data, headers=headers)
+        encoding = request.headers.get("Accept-Encoding", "")
+        if "gzip" in encoding:
+            response.enable_compression(web.ContentCoding.gzip)
+        elif "deflate" in encoding:
+            response.enable_compression(web.ContentCoding.deflate)
+        return response
+
+
+async def _body(request: web.Request) -> bytes:
+    """The body: aiohttp inflates gzip and deflate (Content-Encoding, as Triton takes) and stops at the
+    size limit counted after inflating, so a small compressed bomb is refused as too large."""
+    try:
+        return await request.read()
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # a body that does not inflate, a connection cut mid-body
+        raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
+
+
+async def _json(request: web.Request, data: bytes) -> Any:
+    if not data:
+        return {}
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the request's JSON does not parse") from None
