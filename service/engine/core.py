@@ -59,6 +59,7 @@ class Frontend:
         self.arena = arena
         self.name = f"front-end {hello.get('index', '?')} (pid {hello.get('pid', '?')})"
         self.jobs: dict[int, tuple[Job, Batcher]] = {}
+        self.seen = -1  # the last models table it applied
         self._outbox: list[Message] = []
         self._lock = threading.Lock()
 
@@ -80,6 +81,9 @@ class Frontend:
                         model.stats.record_request(record)
                 elif kind == "call":
                     self.engine.call_soon(self._call(message[1], message[2], message[3]))
+                elif kind == "seen":  # it routes by that table now
+                    self.seen = message[1]
+                    self.engine.table_seen()
                 else:
                     log.error("%s sent an unknown message %r", self.name, kind)
             self.flush()
@@ -199,7 +203,8 @@ class Engine:
         self.frontends: set[Frontend] = set()
         self._background: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self.table: dict[str, Any] = {"served": [], "index": [], "pending": [], "failed": []}  # set by every scan
+        self.table: dict[str, Any] = {"served": [], "index": [], "pending": [], "failed": [], "seq": 0}
+        self._seen = asyncio.Event()  # set whenever a front-end says which table it routes by
 
     def in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -214,14 +219,32 @@ class Engine:
             "index": [(name, version, state.value, reason) for name, version, state, reason in rows],
             "pending": self.registry.pending_names(),
             "failed": self.registry.failed_names(),
+            "seq": self.table["seq"] + 1,
         }
 
-    async def _models_changed(self) -> None:
+    async def _models_changed(self, settled: bool = False) -> None:
         """After every registry change: the table is built once (a disk scan), kept for replies and new
-        front-ends, and sent to every front-end."""
+        front-ends, and sent to every front-end. `settled`: also wait (a few seconds at most) until every
+        front-end routes by it, so that a version about to be retired gets no more requests."""
         self.table = await self.models()
         for frontend in list(self.frontends):
             frontend.link.send([("models", self.table)])
+        if settled:
+            deadline = asyncio.get_running_loop().time() + 5.0
+            while any(f.seen < self.table["seq"] for f in list(self.frontends)):
+                self._seen.clear()
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    log.warning("a front-end did not take the new models table within 5 s")
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._seen.wait(), remaining)
+
+    def table_seen(self) -> None:
+        """From a reader thread: a front-end applied a table."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the engine is exiting
+                self._loop.call_soon_threadsafe(self._seen.set)
 
     def call_soon(self, work) -> None:
         """From a reader thread: run a coroutine on the engine's event loop."""

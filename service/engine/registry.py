@@ -241,7 +241,7 @@ class Registry:
         self,
         settings: Settings,
         metrics: Metrics,
-        on_change: Optional[Callable[[], Awaitable[None]]] = None,
+        on_change: Optional[Callable[[bool], Awaitable[None]]] = None,
     ) -> None:
         self.settings = settings
         self.repository = os.path.abspath(settings.repository)
@@ -412,9 +412,10 @@ class Registry:
         # waiting for the pools' threads blocks: not on the event loop
         await asyncio.to_thread(self.load_executor.shutdown, wait=True)
 
-    async def _changed(self) -> None:
+    async def _changed(self, settled: bool = False) -> None:
+        """Tell the front-ends (settled: and wait until they route by what they were told)."""
         if self._on_change is not None:
-            await self._on_change()
+            await self._on_change(settled)
 
     async def _sync_model(self, name: str, retry_failed: bool) -> None:
         served = self._served.setdefault(name, {})
@@ -439,7 +440,11 @@ class Registry:
                 if latest:
                     break
         # A newer version must be ready before the old one goes; with `latest` it is, by construction.
-        await self._retire(name, [v for v in served if v not in keep])
+        # The front-ends are told of it, and route by it, before the old one stops taking requests.
+        retiring = [v for v in served if v not in keep]
+        if retiring and any(v not in retiring for v in served):
+            await self._changed(settled=True)
+        await self._retire(name, retiring)
         if not self._served.get(name):
             self._served.pop(name, None)
 

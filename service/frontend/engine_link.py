@@ -183,5 +183,7 @@ class EngineLink:
                 self._connected.set()
                 log.info("front-end %d connected to the engine", self.index)
                 self._on_connected(True)
+            if self._link is not None:  # from now on requests go by this table: the engine may retire
+                self._link.send(("seen", message[1]["seq"]))
         else:
             log.error("the engine sent an unknown message %r", kind)
