@@ -15,6 +15,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Optional
 
@@ -27,6 +28,8 @@ from google.protobuf.message import Message
 
 from ..errors import InvalidInput, ServingError, status_of
 from ..proto import grpc_service_pb2 as pb
+from ..proto import introspection_pb2 as ipb
+from .introspection import IntrospectionServicer
 from .observe import Outcome
 from .protocol import InferResult
 from .servicer import InferenceServicer, ServerState
@@ -34,6 +37,7 @@ from .servicer import InferenceServicer, ServerState
 log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # gRPC status -> the HTTP status Triton answers for the same error
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -199,6 +203,15 @@ def infer_request(name: str, version: str, header: dict, binary: memoryview) -> 
     return request
 
 
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer: only this server may be talked to or loaded from; no framing, no sniffing."""
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+
+
 def _strings(data: bytes) -> list[str]:
     """BYTES elements (4-byte little-endian length, then the bytes) as strings."""
     items, offset = [], 0
@@ -251,8 +264,11 @@ def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
 class HttpFrontDoor:
     """The routes, over one InferenceServicer (the gRPC one: same state, same checks)."""
 
-    def __init__(self, servicer: InferenceServicer, token: str, max_body_bytes: int) -> None:
+    def __init__(
+        self, servicer: InferenceServicer, introspection: IntrospectionServicer, token: str, max_body_bytes: int
+    ) -> None:
         self.servicer = servicer
+        self.introspection = introspection
         self.max_body_bytes = max_body_bytes
         self._expected = f"Bearer {token}".encode() if token else b""
 
@@ -286,6 +302,27 @@ class HttpFrontDoor:
             )
             route("POST", prefix + "/infer", self._infer)
         route("POST", "/v2/repository/index", self._index)
+        # convserve's own calls, as JSON, under a prefix V2 cannot use
+        i = self.introspection
+        route(
+            "GET",
+            "/convserve/v1/models/{model}/describe",
+            self._unary(lambda r: (i.DescribeModel, ipb.DescribeModelRequest(name=model(r)))),
+        )
+        route(
+            "GET",
+            "/convserve/v1/models/{model}/filters/{feature_map}",
+            self._unary(
+                lambda r: (
+                    i.LayerFilters,
+                    ipb.LayerFiltersRequest(name=model(r), feature_map=r.match_info["feature_map"]),
+                )
+            ),
+        )
+        # the page: the server's own files, with a policy that lets them talk to this server only
+        route("GET", "/", self._page)
+        app.router.add_static("/static/", STATIC, follow_symlinks=False)
+        app.on_response_prepare.append(_security_headers)
         load, unload = pb.RepositoryModelLoadRequest, pb.RepositoryModelUnloadRequest
         route(
             "POST",
@@ -299,12 +336,17 @@ class HttpFrontDoor:
         )
         return app
 
+    async def _page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(os.path.join(STATIC, "index.html"))
+
     # ---- plumbing ---------------------------------------------------------------------------------
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         """The token (health needs none, as over gRPC), and no traceback ever reaches a client."""
-        guarded = self._expected and not request.path.startswith("/v2/health/")
+        # health, as over gRPC, and the page's own files (it asks for the token itself) need none
+        open_path = request.path.startswith(("/v2/health/", "/static/")) or request.path == "/"
+        guarded = self._expected and not open_path
         if guarded and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), self._expected):
             self.servicer.recorder.record(Outcome("HTTP", code=grpc.StatusCode.UNAUTHENTICATED))
             return web.json_response(

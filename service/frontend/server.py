@@ -147,9 +147,8 @@ class Frontend:
             self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
         )
         add_to_server(servicer, self.grpc_server)
-        ipb_grpc.add_IntrospectionServicer_to_server(
-            IntrospectionServicer(self.models, self.recorder), self.grpc_server
-        )
+        introspection = IntrospectionServicer(self.models, self.recorder)
+        ipb_grpc.add_IntrospectionServicer_to_server(introspection, self.grpc_server)
         self.grpc_server.add_generic_rpc_handlers((self.health.handler(),))
         # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.
         try:
@@ -171,16 +170,16 @@ class Frontend:
         if bound == 0:
             raise OSError(f"cannot listen on {address}")
         if s.http_port:
-            await self._start_http(servicer)
+            await self._start_http(servicer, introspection)
         self.state = ServerState.READY
         self._update_health()
         await self.grpc_server.start()
         log.info("front-end %s listening on %s (gRPC)", self.identity, address)
 
-    async def _start_http(self, servicer: InferenceServicer) -> None:
+    async def _start_http(self, servicer: InferenceServicer, introspection: IntrospectionServicer) -> None:
         """V2 HTTP/REST on the same event loop, the same servicer, its port shared by the front-ends."""
         s = self.settings
-        door = HttpFrontDoor(servicer, s.auth_token, self.limits.receive)
+        door = HttpFrontDoor(servicer, introspection, s.auth_token, self.limits.receive)
         self.http_runner = web.AppRunner(door.application(), access_log=None, handle_signals=False)
         await self.http_runner.setup()
         context = None
