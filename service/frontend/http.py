@@ -203,6 +203,29 @@ def infer_request(name: str, version: str, header: dict, binary: memoryview) -> 
     return request
 
 
+def _log_value(setting: Any, value: Any) -> None:
+    if isinstance(value, bool):
+        setting.bool_param = value
+    elif isinstance(value, int) and value >= 0:
+        setting.uint32_param = value
+    elif isinstance(value, str):
+        setting.string_param = value
+    else:
+        raise InvalidInput("log settings are booleans, non-negative integers or strings")
+
+
+def _trace_value(setting: Any, value: Any) -> None:
+    values = value if isinstance(value, list) else [value]
+    setting.value.extend(str(v) for v in values)
+
+
+def _plain(value: Any) -> Any:
+    """A setting's JSON as V2 HTTP has it: the bare value, not gRPC's oneof wrapper."""
+    if isinstance(value, dict) and len(value) == 1:
+        return next(iter(value.values()))
+    return value
+
+
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer: only this server may be talked to or loaded from; no framing, no sniffing."""
     response.headers["Content-Security-Policy"] = (
@@ -235,11 +258,7 @@ def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         parameters: dict[str, Any] = {}
         if tensor.shm is not None:
-            parameters.update(
-                shared_memory_region=tensor.shm.region,
-                shared_memory_byte_size=tensor.shm.byte_size,
-                **({"shared_memory_offset": tensor.shm.offset} if tensor.shm.offset else {}),
-            )
+            pass  # in its region; as Triton over HTTP, no parameters (clients read any as binary_data_size)
         elif binary_wanted.get(tensor.name, everything_binary):
             parameters["binary_data_size"] = len(tensor.data)
             chunks.append(tensor.data)
@@ -302,6 +321,35 @@ class HttpFrontDoor:
             )
             route("POST", prefix + "/infer", self._infer)
         route("POST", "/v2/repository/index", self._index)
+        # system shared memory (the same engine state gRPC registers into); CUDA: status and unregister
+        shm = "/v2/systemsharedmemory"
+        route("POST", shm + "/region/{region}/register", self._shm_register)
+        for path, one in ((shm, False), (shm + "/region/{region}", True)):
+            route(
+                "GET",
+                path + "/status",
+                self._listed(s.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest, one),
+            )
+            route(
+                "POST",
+                path + "/unregister",
+                self._unregister(s.SystemSharedMemoryUnregister, pb.SystemSharedMemoryUnregisterRequest),
+            )
+            cuda = path.replace("systemsharedmemory", "cudasharedmemory")
+            route(
+                "GET", cuda + "/status", self._listed(s.CudaSharedMemoryStatus, pb.CudaSharedMemoryStatusRequest, one)
+            )
+            route(
+                "POST",
+                cuda + "/unregister",
+                self._unregister(s.CudaSharedMemoryUnregister, pb.CudaSharedMemoryUnregisterRequest),
+            )
+        # logging and trace settings, read (GET) and set (POST), as the gRPC calls
+        route("GET", "/v2/logging", self._settings(s.LogSettings, pb.LogSettingsRequest, _log_value))
+        route("POST", "/v2/logging", self._settings(s.LogSettings, pb.LogSettingsRequest, _log_value))
+        for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
+            route("GET", path, self._settings(s.TraceSetting, pb.TraceSettingRequest, _trace_value))
+            route("POST", path, self._settings(s.TraceSetting, pb.TraceSettingRequest, _trace_value))
         # convserve's own calls, as JSON, under a prefix V2 cannot use
         i = self.introspection
         route(
@@ -381,6 +429,59 @@ class HttpFrontDoor:
             method, message = make(request)
             answer = await method(message, _Context())
             return web.json_response(to_json(getattr(answer, field) if field else answer))
+
+        return handle
+
+    def _listed(self, method, message, named: bool):
+        """Shared-memory status: V2 HTTP answers a list of regions where gRPC has a map."""
+
+        async def handle(request: web.Request) -> web.Response:
+            name = request.match_info["region"] if named else ""
+            answer = await method(message(name=name), _Context())
+            return web.json_response(list(to_json(answer).get("regions", {}).values()))
+
+        return handle
+
+    def _unregister(self, method, message):
+        """One region (named in the path) or all; answered with an empty 200, as Triton does."""
+
+        async def handle(request: web.Request) -> web.Response:
+            await method(message(name=request.match_info.get("region", "")), _Context())
+            return web.Response(status=200)
+
+        return handle
+
+    async def _shm_register(self, request: web.Request) -> web.Response:
+        body = await _json(request, await _body(request))
+        if not isinstance(body, dict):
+            raise InvalidInput("the register body is a JSON object: key, offset, byte_size")
+        try:
+            message = pb.SystemSharedMemoryRegisterRequest(
+                name=request.match_info["region"],
+                key=str(body.get("key", "")),
+                offset=int(body.get("offset", 0)),
+                byte_size=int(body.get("byte_size", 0)),
+            )
+        except (TypeError, ValueError):
+            raise InvalidInput("offset and byte_size are non-negative integers") from None
+        await self.servicer.SystemSharedMemoryRegister(message, _Context())
+        return web.Response(status=200)
+
+    def _settings(self, method, message, value: Callable[[Any, Any], None]):
+        """Log or trace settings: a JSON object of key -> value both ways (POST sets, GET reads)."""
+
+        async def handle(request: web.Request) -> web.Response:
+            request_message = message()
+            if "model" in request.match_info:
+                request_message.model_name = request.match_info["model"]
+            if request.method == "POST":
+                body = await _json(request, await _body(request))
+                if not isinstance(body, dict):
+                    raise InvalidInput("the settings body is a JSON object")
+                for key, item in body.items():
+                    value(request_message.settings[str(key)], item)
+            answer = await method(request_message, _Context())
+            return web.json_response({k: _plain(v) for k, v in to_json(answer).get("settings", {}).items()})
 
         return handle
 

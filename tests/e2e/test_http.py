@@ -173,3 +173,37 @@ def test_the_token_guards_http_but_health(own_repository):
         assert client.get_model_metadata("digits", headers={"Authorization": "Bearer s3cret"})["name"] == "digits"
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_shared_memory_logging_and_trace_over_http(server):
+    import tritonclient.utils.shared_memory as shm
+
+    client = _http(server)
+    names = ["logits"]
+    expected = _grpc_answer(server, names)["logits"]
+    handle = shm.create_shared_memory_region("http_region", "/convserve_http_test", X.nbytes + 4096)
+    try:
+        shm.set_shared_memory_region(handle, [X])
+        client.register_system_shared_memory("http_region", "/convserve_http_test", X.nbytes + 4096)
+        assert [r["name"] for r in client.get_system_shared_memory_status()] == ["http_region"]
+        tensor = httpclient.InferInput("input", list(X.shape), "FP32")
+        tensor.set_shared_memory("http_region", X.nbytes)
+        output = httpclient.InferRequestedOutput("logits")
+        output.set_shared_memory("http_region", expected.nbytes, offset=X.nbytes)
+        result = client.infer("digits", [tensor], outputs=[output])
+        assert result.get_output("logits")["shape"] == list(expected.shape)
+        got = shm.get_contents_as_numpy(handle, np.float32, expected.shape, offset=X.nbytes)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        client.unregister_system_shared_memory("http_region")
+        assert client.get_system_shared_memory_status() == []
+        assert client.get_cuda_shared_memory_status() == []
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+    settings = client.get_log_settings()
+    assert settings["log_info"] is True and "log_verbose_level" in settings
+    assert client.update_log_settings({"log_verbose_level": 0})["log_verbose_level"] == 0
+    assert client.get_trace_settings()["trace_level"] == ["OFF"]
+    with pytest.raises(InferenceServerException) as info:
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert "not implemented" in info.value.message()

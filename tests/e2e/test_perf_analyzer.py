@@ -20,8 +20,10 @@ STABLE = ["--stability-percentage", "1000"]
 
 
 @pytest.mark.skipif(TOOL is None, reason="perf_analyzer needs Debian's libb64-0d and nvidia-cuda-runtime-cu12")
-@pytest.mark.parametrize("frontends", ["1", "2"])
-def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(served_repository, tmp_path, frontends):
+@pytest.mark.parametrize(("frontends", "protocol"), [("1", "grpc"), ("2", "grpc"), ("1", "http")])
+def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(
+    served_repository, tmp_path, frontends, protocol
+):
     assert TOOL is not None
     model = served_repository / "digits" / "1" / "model.onnx"
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -45,9 +47,9 @@ def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(serve
                 "-m",
                 "digits",
                 "-u",
-                server.url,
+                server.url if protocol == "grpc" else f"127.0.0.1:{server.http_port}",
                 "-i",
-                "grpc",
+                protocol,
                 "--concurrency-range",
                 "4",
                 "--input-data",
@@ -69,13 +71,26 @@ def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(serve
 
 
 @pytest.mark.skipif(TOOL is None, reason="perf_analyzer needs Debian's libb64-0d and nvidia-cuda-runtime-cu12")
-@pytest.mark.parametrize("mode", [[], ["--streaming"], ["--async"], ["--shared-memory", "system"]])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        [],
+        ["--streaming"],
+        ["--async"],
+        ["--shared-memory", "system"],
+        ["-i", "http"],
+        ["-i", "http", "--async"],
+        ["-i", "http", "--shared-memory", "system"],
+    ],
+)
 def test_perf_analyzer_without_input_data_in_each_mode(server, mode):
     """Without --input-data perf_analyzer sends every declared input, `input` and `image` (random bytes
     that are no picture): the tensor is used. Its shared-memory mode needs every input too (it refuses
     optional ones named alone), so this is how it runs there."""
     assert TOOL is not None
-    command = [TOOL[0], "-m", "digits", "-u", server.url, "-i", "grpc", "--concurrency-range", "2"]
+    http = "http" in mode
+    url = f"127.0.0.1:{server.http_port}" if http else server.url
+    command = [TOOL[0], "-m", "digits", "-u", url, *([] if http else ["-i", "grpc"]), "--concurrency-range", "2"]
     result = subprocess.run(
         [*command, "--measurement-interval", "500", *STABLE, *mode],
         capture_output=True,
