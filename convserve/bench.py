@@ -14,13 +14,16 @@ that many concurrent asyncio gRPC callers, one image per request, for each case:
     fmaps-fp16   the same, feature maps in FP16
     shm          input and outputs in system shared memory (one region pair per client)
     shm-fmaps    the same, with every feature map
+    http         `input` over V2 HTTP/REST, tensors in Triton's binary extension (perf_analyzer -i http)
+    http-json    the same with JSON tensors both ways
 
 Every server figure is printed as a ratio of the limit: throughput / in-process best-batch
 throughput, and p50 latency - in-process batch-1 latency. Client and server share the machine's
 cores: compare ratios from one run, not absolute numbers across runs.
 
 The load comes from perf_analyzer (C++, in tritonclient[grpc]'s wheel: `bin/perf_analyzer`) where it
-runs, for the cases it can send (input, image); a Python client is itself the ceiling on a few cores.
+runs, for the cases it can send (input, image, and the http ones, which need it); a Python client is
+itself the ceiling on a few cores.
 It needs two libraries: Debian's `libb64-0d`, and `libcudart.so.12` from `pip install
 nvidia-cuda-runtime-cu12` (found in that package without setting LD_LIBRARY_PATH). Without them, and
 for the feature-map and shared-memory cases, an asyncio gRPC client in this process sends the load.
@@ -63,7 +66,9 @@ from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.settings import Settings
 
-CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps")
+CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps", "http", "http-json")
+# perf_analyzer over V2 HTTP/REST: Triton's binary tensor extension (its default), or JSON tensors
+_HTTP_FORMATS = {"http": "binary", "http-json": "json"}
 _DEFAULT_OUTPUTS = list(DEFAULT_OUTPUTS)
 
 
@@ -186,9 +191,16 @@ _PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, late
 
 
 def _over_perf_analyzer(
-    tool: tuple[str, dict[str, str]], url: str, model: str, data: dict, clients: int, seconds: float
+    tool: tuple[str, dict[str, str]],
+    url: str,
+    model: str,
+    data: dict,
+    clients: int,
+    seconds: float,
+    http_format: str = "",
 ) -> Measurement:
-    """perf_analyzer at `clients` concurrent requests; its p50 latency, its throughput."""
+    """perf_analyzer at `clients` concurrent requests (over gRPC, or over HTTP with tensors in
+    `http_format`); its p50 latency, its throughput."""
     path, env = tool
     with tempfile.TemporaryDirectory() as folder:
         data_file = os.path.join(folder, "input.json")
@@ -200,8 +212,11 @@ def _over_perf_analyzer(
             model,
             "-u",
             url,
-            "-i",
-            "grpc",
+            *(
+                ["-i", "http", "--input-tensor-format", http_format, "--output-tensor-format", http_format]
+                if http_format
+                else ["-i", "grpc"]
+            ),
             "--concurrency-range",
             str(clients),
             "--input-data",
@@ -336,7 +351,9 @@ def run(
     tool = perf_analyzer() if driver != "python" else None
     if driver == "perf_analyzer" and tool is None:
         raise RuntimeError("perf_analyzer does not start here: see `convserve bench --help` for its two libraries")
-    by_pa = {"input", "image"} if tool is not None else set()
+    by_pa = {"input", "image", *_HTTP_FORMATS} if tool is not None else set()
+    if tool is None and set(cases) & set(_HTTP_FORMATS):
+        raise RuntimeError("the http cases are driven by perf_analyzer, which does not start here")
 
     def output_set(case: str) -> str:
         # perf_analyzer asks for every output the model declares: all five feature maps come back, so
@@ -357,11 +374,15 @@ def run(
         "input": {"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}},
         "image": {"image": {"content": [{"b64": base64.b64encode(png).decode()}], "shape": [1]}},
     }
+    for case in _HTTP_FORMATS:
+        pa_data[case] = pa_data["input"]
     rows = []
     for frontends in frontends_list:
-        port = _free_port()
+        port, http_port = _free_port(), _free_port()
         url = f"127.0.0.1:{port}"
-        server = _start_server(repository, port, ["--frontends", str(frontends), *server_args])
+        server = _start_server(
+            repository, port, ["--frontends", str(frontends), "--http-port", str(http_port), *server_args]
+        )
         try:
             wait_until_ready(url, server)
             for case in cases:
@@ -373,7 +394,11 @@ def run(
                     answered, cpu = _answered(url, model), tree_cpu_seconds(server.pid)
                     if by == "perf_analyzer":
                         assert tool is not None
-                        measured = _over_perf_analyzer(tool, url, model, pa_data[case], clients, seconds)
+                        http_format = _HTTP_FORMATS.get(case, "")
+                        target = f"127.0.0.1:{http_port}" if http_format else url
+                        measured = _over_perf_analyzer(
+                            tool, target, model, pa_data[case], clients, seconds, http_format
+                        )
                     else:
                         measured = _over_python(url, model, case, clients, seconds, x, png, outputs, output_bytes, card)
                     cpu = tree_cpu_seconds(server.pid) - cpu
@@ -428,7 +453,7 @@ def _start_server(repository: str, port: int, args: Sequence[str]) -> subprocess
             "--metrics-port",
             "0",
             "--http-port",
-            "0",
+            "0",  # unless `args` asks for it
             "--log-level",
             "WARNING",
             *args,

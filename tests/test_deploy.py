@@ -34,8 +34,8 @@ def test_server_command_and_environment_are_real_settings(compose):
     known = {"CONVSERVE_" + name.upper() for name in Settings.__dataclass_fields__}
     assert set(server["environment"]) <= known
     # replicas publish nothing themselves (--scale): the load balancer takes the gRPC port
-    assert "ports" not in server and {"8001", "8002"} <= set(server["expose"])
-    assert compose["services"]["lb"]["ports"] == ["8001:8001"]
+    assert "ports" not in server and {"8000", "8001", "8002"} <= set(server["expose"])
+    assert compose["services"]["lb"]["ports"] == ["8000:8000", "8001:8001"]
     assert "models:/models:ro" in server["volumes"]  # the server only reads the repository
     # the container's grace period outlasts the server's own
     assert float(server["stop_grace_period"].rstrip("s")) > settings.grace_period
@@ -141,7 +141,8 @@ def test_kubernetes_manifests_validate():
     deployment = docs[0]["spec"]["template"]
     (container,) = deployment["spec"]["containers"]
     build_parser().parse_args(container["args"])  # a real `convserve serve` command line
-    assert container["readinessProbe"]["grpc"]["port"] == 8001 and container["livenessProbe"]["grpc"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert container["livenessProbe"]["grpc"]["port"] == 8001
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert deployment["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     assert container["volumeMounts"][0]["readOnly"] is True
@@ -200,11 +201,21 @@ def test_nginx_accepts_the_load_balancer_configuration(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def render_nginx(upstreams, port: int) -> str:
-    """deploy/nginx/nginx.conf for loopback: the compose service name replaced by real addresses."""
+def render_nginx(upstreams, port: int, http_upstreams=None, http_port: int = 0) -> str:
+    """deploy/nginx/nginx.conf for loopback: the compose service name replaced by real addresses
+    (gRPC's, and HTTP's: the gRPC ones again when none are given, for a syntax check)."""
     with open(os.path.join(ROOT, "deploy", "nginx", "nginx.conf")) as handle:
         text = handle.read()
-    assert "        server server:8001;\n" in text and "listen 8001 http2;" in text
-    servers = "".join(f"        server {address};\n" for address in upstreams)
-    text = text.replace("        server server:8001;\n", servers)
+    for line in (
+        "        server server:8001;\n",
+        "listen 8001 http2;",
+        "        server server:8000;\n",
+        "listen 8000;",
+    ):
+        assert line in text, line
+    text = text.replace("        server server:8001;\n", "".join(f"        server {a};\n" for a in upstreams))
+    text = text.replace(
+        "        server server:8000;\n", "".join(f"        server {a};\n" for a in http_upstreams or upstreams)
+    )
+    text = text.replace("listen 8000;", f"listen 127.0.0.1:{http_port or 18000};")
     return text.replace("listen 8001 http2;", f"listen 127.0.0.1:{port or 18001} http2;")

@@ -75,13 +75,14 @@ def _inferences(server) -> int:
     return sum(s.inference_stats.success.count for s in stats.model_stats)
 
 
-def test_nginx_balances_grpc_across_two_servers_and_passes_health_checks(two_servers, tmp_path):
+def test_nginx_balances_grpc_and_http_across_two_servers_and_passes_health_checks(two_servers, tmp_path):
     nginx = shutil.which("nginx")
     if nginx is None:
         pytest.skip("nginx not installed (.ci/run installs it from Debian)")
-    port = free_port()
+    port, http_port = free_port(), free_port()
     config = tmp_path / "nginx.conf"
-    config.write_text(render_nginx([s.url for s in two_servers], port))
+    http_servers = [f"127.0.0.1:{s.http_port}" for s in two_servers]
+    config.write_text(render_nginx([s.url for s in two_servers], port, http_servers, http_port))
     proxy = subprocess.Popen(
         [
             nginx,
@@ -113,6 +114,18 @@ def test_nginx_balances_grpc_across_two_servers_and_passes_health_checks(two_ser
         with Client(url) as client:  # one client connection: nginx spreads its requests
             for _ in range(20):
                 assert client.infer("digits", array=X).model_name == "digits"
+        reached = [_inferences(s) - b for s, b in zip(two_servers, before)]
+        assert sum(reached) == 20 and min(reached) > 0, reached
+        # HTTP through the same balancer: keep-alive connections to both replicas
+        import tritonclient.http as httpclient
+
+        before = [_inferences(s) for s in two_servers]
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+        assert client.is_server_ready()
+        tensor = httpclient.InferInput("input", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X, binary_data=True)
+        for _ in range(20):
+            assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
         reached = [_inferences(s) - b for s, b in zip(two_servers, before)]
         assert sum(reached) == 20 and min(reached) > 0, reached
     finally:

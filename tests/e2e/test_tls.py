@@ -90,6 +90,21 @@ def test_tls_serves_our_client_the_cli_and_tritonclient_and_refuses_plain_text(o
             timeout=60,
         )
         assert models.returncode == 0 and "digits" in models.stdout, models.stderr
+        # HTTP/REST over the same certificate; plain HTTP to it fails
+        import ssl
+        import urllib.request
+
+        import tritonclient.http as httpclient
+
+        https = httpclient.InferenceServerClient(
+            f"127.0.0.1:{server.http_port}", ssl=True, ssl_options={"ca_certs": pki["ca.pem"]}
+        )
+        assert https.is_model_ready("digits") and https.get_model_metadata("digits")["name"] == "digits"
+        context = ssl.create_default_context(cafile=pki["ca.pem"])
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.http_port}/v2/health/ready", context=context) as ok:
+            assert ok.status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=5)
     finally:
         assert server.stop() == 0, server.output()
 
