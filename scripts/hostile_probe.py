@@ -202,36 +202,25 @@ def case_other_user(server: Server, stub) -> str:
         os.unlink(path)
 
 
+def _watch(health, request: health_pb2.HealthCheckRequest, count: int) -> tuple[list, str]:
+    """`count` Watch streams at once; each one's first answer, counted by code."""
+    streams = [health.Watch(request) for _ in range(count)]
+    return streams, codes([lambda s=s: next(s) for s in streams])
+
+
 def case_health_names(server: Server, stub) -> str:
     with grpc.insecure_channel(server.url, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
         big = health_pb2.HealthCheckRequest(service="x" * (4 << 20))
-        streams = [health.Watch(big) for _ in range(120)]
-        answer: Counter = Counter()
-        for stream in streams:
-            try:
-                next(stream)
-                answer["OK"] += 1
-            except grpc.RpcError as exc:
-                answer[exc.code().name] += 1
-        return ", ".join(f"{n} {c}" for c, n in answer.items())
+        return _watch(health_pb2_grpc.HealthStub(channel), big, 120)[1]
 
 
 def case_health_watches(server: Server, stub) -> str:
     with grpc.insecure_channel(server.url) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        streams = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(200)]
-        answer: Counter = Counter()
-        for stream in streams:
-            try:
-                next(stream)
-                answer["OK"] += 1
-            except grpc.RpcError as exc:
-                answer[exc.code().name] += 1
+        streams, answer = _watch(health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckRequest(), 200)
         live = codes([lambda: pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)])
         for stream in streams:
             stream.cancel()
-        return ", ".join(f"{n} {c}" for c, n in answer.items()) + f"; ServerLive meanwhile: {live}"
+        return f"{answer}; ServerLive meanwhile: {live}"
 
 
 def case_metrics_sockets(server: Server, stub) -> str:
