@@ -392,15 +392,21 @@ def run(
                     by = "perf_analyzer" if case in by_pa else "python"
                     progress(f"server ({frontends} front-ends): {case}, {clients} clients, {by} ...")
                     answered, cpu = _answered(url, model), tree_cpu_seconds(server.pid)
-                    if by == "perf_analyzer":
-                        assert tool is not None
-                        http_format = _HTTP_FORMATS.get(case, "")
-                        target = f"127.0.0.1:{http_port}" if http_format else url
-                        measured = _over_perf_analyzer(
-                            tool, target, model, pa_data[case], clients, seconds, http_format
-                        )
-                    else:
-                        measured = _over_python(url, model, case, clients, seconds, x, png, outputs, output_bytes, card)
+                    try:
+                        if by == "perf_analyzer":
+                            assert tool is not None
+                            http_format = _HTTP_FORMATS.get(case, "")
+                            target = f"127.0.0.1:{http_port}" if http_format else url
+                            measured = _over_perf_analyzer(
+                                tool, target, model, pa_data[case], clients, seconds, http_format
+                            )
+                        else:
+                            measured = _over_python(
+                                url, model, case, clients, seconds, x, png, outputs, output_bytes, card
+                            )
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # one row lost, not the run
+                        progress(f"  failed: {str(exc).splitlines()[0][:200]}")
+                        measured = Measurement(0, seconds, [], [], {0.5: float("nan"), 0.99: float("nan")})
                     cpu = tree_cpu_seconds(server.pid) - cpu
                     answered = _answered(url, model) - answered
                     cpu_ms = cpu * 1000 / answered if answered else float("nan")

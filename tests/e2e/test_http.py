@@ -207,3 +207,23 @@ def test_shared_memory_logging_and_trace_over_http(server):
     with pytest.raises(InferenceServerException) as info:
         client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
     assert "not implemented" in info.value.message()
+
+
+def test_a_full_queue_is_429_over_http(own_repository):
+    server = RunningServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=32)
+        tensor = httpclient.InferInput("input", [1, 1, 32, 32], "FP32")
+        tensor.set_data_from_numpy(X[:1], binary_data=True)
+        pending = [client.async_infer("digits", [tensor]) for _ in range(64)]
+        statuses = set()
+        for request in pending:
+            try:
+                request.get_result()
+                statuses.add("OK")
+            except InferenceServerException as exc:
+                statuses.add(exc.status())
+        assert statuses == {"OK", "429"}, statuses
+        assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)  # and it goes on
+    finally:
+        assert server.stop() == 0, server.output()
