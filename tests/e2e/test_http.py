@@ -210,20 +210,42 @@ def test_shared_memory_logging_and_trace_over_http(server):
 
 
 def test_a_full_queue_is_429_over_http(own_repository):
+    """Bursts of 64 requests over 32 connections at a queue of one: the ones past it are 429, the
+    rest OK, and serving goes on. A burst may happen to drain as fast as it comes on an idle machine:
+    up to five bursts, and one of them must overflow."""
+    import asyncio
+
+    import aiohttp
+
     server = RunningServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/digits/infer"
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": X[0].ravel().tolist()}]}
+    )
+
+    async def burst() -> list[int]:
+        connector = aiohttp.TCPConnector(limit=32)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def one() -> int:
+                async with session.post(url, data=body) as answer:
+                    await answer.read()
+                    return answer.status
+
+            return await asyncio.gather(*(one() for _ in range(64)))
+
     try:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=32)
+        seen: set[int] = set()
+        for _ in range(5):
+            statuses = set(asyncio.run(burst()))
+            assert statuses <= {200, 429}, statuses
+            seen |= statuses
+            if 429 in seen:
+                break
+        assert seen == {200, 429}, seen
+        client = _http(server)
         tensor = httpclient.InferInput("input", [1, 1, 32, 32], "FP32")
         tensor.set_data_from_numpy(X[:1], binary_data=True)
-        pending = [client.async_infer("digits", [tensor]) for _ in range(64)]
-        statuses = set()
-        for request in pending:
-            try:
-                request.get_result()
-                statuses.add("OK")
-            except InferenceServerException as exc:
-                statuses.add(exc.status())
-        assert statuses == {"OK", "429"}, statuses
         assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)  # and it goes on
     finally:
         assert server.stop() == 0, server.output()
