@@ -32,7 +32,7 @@ from ..proto import introspection_pb2 as ipb
 from .introspection import IntrospectionServicer
 from .observe import Outcome
 from .protocol import InferResult
-from .servicer import InferenceServicer, ServerState
+from .servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,11 @@ class _Aborted(Exception):
 class _Context:
     """What the servicer's methods use of a gRPC context, for a request that came over HTTP."""
 
-    def __init__(self, timeout_s: Optional[float] = None) -> None:
-        self._timeout = timeout_s
-
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         raise _Aborted(code, message)
 
     def time_remaining(self) -> Optional[float]:
-        return self._timeout
+        return None  # HTTP carries no deadline
 
     def set_trailing_metadata(self, metadata) -> None:
         pass
@@ -508,16 +505,12 @@ class HttpFrontDoor:
         header = await _json(request, body[:split])
         view = memoryview(body)[split:]
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        timeout_s = None
         message = infer_request(name, version, header, view)
         servicer = self.servicer
         outcome = Outcome("ModelInfer", name)
         try:
-            with servicer.recorder.observe(outcome):
-                if servicer.server_state() is ServerState.STOPPING:
-                    return _error(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-                deadline = None if timeout_s is None else timeout_s
-                _, result = await servicer._run(message, outcome, deadline)
+            with servicer.recorder.observe(outcome):  # no deadline over HTTP (its `timeout` parameter counts)
+                _, result = await servicer._run(message, outcome, None)
         except Exception as exc:  # recorded (and if a bug, logged) by observe
             return _error(*status_of(exc))
         data, json_length = infer_response(header, result)
