@@ -27,10 +27,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ..errors import InvalidInput, ServingError, status_of
+from ..ipc import DTYPES
 from ..proto import grpc_service_pb2 as pb
 from ..proto import introspection_pb2 as ipb
 from .introspection import IntrospectionServicer
 from .observe import Outcome
+from .postprocess import deserialize_bytes, serialize_bytes, wire_dtype
 from .protocol import InferResult
 from .servicer import InferenceServicer
 
@@ -53,8 +55,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-_DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-           "UINT8": np.uint8, "INT8": np.int8, "BOOL": np.bool_}  # fmt: skip
 _INTEGER_TYPES = {
     FieldDescriptor.TYPE_INT64,
     FieldDescriptor.TYPE_UINT64,
@@ -138,19 +138,15 @@ def _tensor_bytes(tensor: dict, datatype: str) -> bytes:
     data = tensor.get("data")
     if data is None:
         raise InvalidInput(f"input {tensor.get('name')!r} has no data (JSON `data` or binary_data_size)")
-    if datatype == "BYTES":  # base64 strings, each one element (an encoded image), as 4-byte-length-prefixed
+    if datatype == "BYTES":  # base64 strings, each one element (an encoded image)
         items = np.asarray(data, dtype=object).ravel()
-        out = bytearray()
-        for item in items:
-            if not isinstance(item, str):
-                raise InvalidInput("BYTES input elements in JSON are base64 strings")
-            try:
-                element = base64.b64decode(item, validate=True)
-            except ValueError:
-                raise InvalidInput("a BYTES input element is not valid base64") from None
-            out += len(element).to_bytes(4, "little") + element
-        return bytes(out)
-    dtype = _DTYPES.get(datatype)
+        if not all(isinstance(item, str) for item in items):
+            raise InvalidInput("BYTES input elements in JSON are base64 strings")
+        try:
+            return serialize_bytes(base64.b64decode(item, validate=True) for item in items)
+        except ValueError:
+            raise InvalidInput("a BYTES input element is not valid base64") from None
+    dtype = DTYPES.get(datatype)  # the input is FP32 (the request's checks refuse any other type)
     if dtype is None:
         raise InvalidInput(f"input {tensor.get('name')!r}: datatype {datatype!r} is not one this server reads")
     try:
@@ -232,16 +228,6 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers["Referrer-Policy"] = "no-referrer"
 
 
-def _strings(data: bytes) -> list[str]:
-    """BYTES elements (4-byte little-endian length, then the bytes) as strings."""
-    items, offset = [], 0
-    while offset < len(data):
-        size = int.from_bytes(data[offset : offset + 4], "little")
-        items.append(data[offset + 4 : offset + 4 + size].decode("utf-8", "replace"))
-        offset += 4 + size
-    return items
-
-
 def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
     """The answer's body and the JSON part's length (the body's length when it has no binary part)."""
     everything_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
@@ -260,9 +246,9 @@ def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
             parameters["binary_data_size"] = len(tensor.data)
             chunks.append(tensor.data)
         elif tensor.datatype == "BYTES":
-            entry["data"] = _strings(tensor.data)
+            entry["data"] = [item.decode("utf-8", "replace") for item in deserialize_bytes(tensor.data)]
         else:
-            entry["data"] = np.frombuffer(tensor.data, dtype=_DTYPES[tensor.datatype]).tolist()
+            entry["data"] = np.frombuffer(tensor.data, dtype=wire_dtype(tensor.datatype)).tolist()
         if parameters:
             entry["parameters"] = parameters
         outputs.append(entry)
@@ -293,28 +279,25 @@ class HttpFrontDoor:
         s = self.servicer
         route = app.router.add_route
 
-        def named(request: web.Request) -> dict:
-            return {"name": request.match_info["model"], "version": request.match_info.get("version", "")}
-
         def model(request: web.Request) -> str:
             return request.match_info["model"]
 
-        route("GET", "/v2/health/live", self._health(lambda: s.ServerLive, pb.ServerLiveRequest, "live"))
-        route("GET", "/v2/health/ready", self._health(lambda: s.ServerReady, pb.ServerReadyRequest, "ready"))
+        route("GET", "/v2/health/live", self._health(s.ServerLive, pb.ServerLiveRequest, "live"))
+        route("GET", "/v2/health/ready", self._health(s.ServerReady, pb.ServerReadyRequest, "ready"))
         route("GET", "/v2", self._unary(lambda r: (s.ServerMetadata, pb.ServerMetadataRequest())))
         route("GET", "/v2/models/stats", self._unary(lambda r: (s.ModelStatistics, pb.ModelStatisticsRequest())))
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            route("GET", prefix, self._unary(lambda r: (s.ModelMetadata, pb.ModelMetadataRequest(**named(r)))))
+            route("GET", prefix, self._unary(lambda r: (s.ModelMetadata, pb.ModelMetadataRequest(**_named(r)))))
             route("GET", prefix + "/ready", self._model_ready)
             route(
                 "GET",
                 prefix + "/config",
-                self._unary(lambda r: (s.ModelConfig, pb.ModelConfigRequest(**named(r))), "config"),
+                self._unary(lambda r: (s.ModelConfig, pb.ModelConfigRequest(**_named(r))), "config"),
             )
             route(
                 "GET",
                 prefix + "/stats",
-                self._unary(lambda r: (s.ModelStatistics, pb.ModelStatisticsRequest(**named(r)))),
+                self._unary(lambda r: (s.ModelStatistics, pb.ModelStatisticsRequest(**_named(r)))),
             )
             route("POST", prefix + "/infer", self._infer)
         route("POST", "/v2/repository/index", self._index)
@@ -413,7 +396,7 @@ class HttpFrontDoor:
 
     def _health(self, method, message, field: str):
         async def handle(request: web.Request) -> web.Response:
-            answer = await method()(message(), _Context())
+            answer = await method(message(), _Context())
             return web.Response(status=200 if getattr(answer, field) else 400)
 
         return handle
@@ -483,8 +466,7 @@ class HttpFrontDoor:
         return handle
 
     async def _model_ready(self, request: web.Request) -> web.Response:
-        named = {"name": request.match_info["model"], "version": request.match_info.get("version", "")}
-        answer = await self.servicer.ModelReady(pb.ModelReadyRequest(**named), _Context())
+        answer = await self.servicer.ModelReady(pb.ModelReadyRequest(**_named(request)), _Context())
         return web.Response(status=200 if answer.ready else 400)
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -524,6 +506,11 @@ class HttpFrontDoor:
         elif "deflate" in encoding:
             response.enable_compression(web.ContentCoding.deflate)
         return response
+
+
+def _named(request: web.Request) -> dict:
+    """name and version from a /v2/models/{model}[/versions/{version}] path."""
+    return {"name": request.match_info["model"], "version": request.match_info.get("version", "")}
 
 
 async def _body(request: web.Request) -> bytes:
