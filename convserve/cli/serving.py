@@ -177,9 +177,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- health (a container's healthcheck) ------------------------------------------------------------
+
+
+def _health_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--service", default="", help="a grpc.health.v1 service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_server_flags(p)
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING, 1 otherwise: the gRPC health protocol, as a
+    container's healthcheck or a script asks it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from convserve.client import open_channel
+
+    channel = open_channel(args.url, args.token, 1 << 20, client_tls(args))
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"{args.url}: {exc.code().name}: {exc.details()}")
+        return 1
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.url}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 COMMANDS = [
     Command("serve", "serve the model repository over gRPC (KServe V2), with Prometheus metrics", _serve_args, _serve),
     Command("models", "list a running server's model versions with their state", add_server_flags, _models),
     Command("describe", "a served model's arithmetic table and training provenance", _describe_args, _describe),
+    Command("health", "exit 0 when a running server answers SERVING (the gRPC health protocol)", _health_args, _health),
     Command("bench", "server throughput and latency as ratios of in-process onnxruntime", _bench_args, _bench),
 ]

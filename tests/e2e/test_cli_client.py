@@ -158,3 +158,15 @@ def test_arithmetic_explain_matches_the_table():
             rf, jump = re.search(r"receptive field .* = (\d+); jump .* = (\d+)", block).groups()
             assert [int(rf), int(jump)] == [row["receptive_field"][0], row["jump"][0]]
     assert f"= {table['total_params']:,}" in text.splitlines()[-1]
+
+
+def test_health_exits_0_for_a_serving_server_and_1_for_none(server):
+    from tests.e2e.conftest import free_port
+
+    run = convserve("health", url=server.url)
+    assert run.returncode == 0 and run.stdout.strip() == f"{server.url}: SERVING", run.stdout + run.stderr
+    run = convserve("health", "--service", "inference.GRPCInferenceService", url=server.url)
+    assert run.returncode == 0, run.stdout
+    nobody = f"127.0.0.1:{free_port()}"
+    run = convserve("health", "--timeout", "1", url=nobody)
+    assert run.returncode == 1 and run.stdout.startswith(f"{nobody}: UNAVAILABLE"), run.stdout + run.stderr
