@@ -2,6 +2,7 @@
 
 import ast
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shlex
@@ -35,18 +36,22 @@ def test_server_command_and_environment_are_real_settings(compose):
     assert set(server["environment"]) <= known
     # replicas publish nothing themselves (--scale): the load balancer takes the gRPC port
     assert "ports" not in server and {"8000", "8001", "8002"} <= set(server["expose"])
-    assert compose["services"]["lb"]["ports"] == ["8000:8000", "8001:8001"]
+    lb_ports = ["${CONVSERVE_HTTP_PORT:-8000}:8000", "${CONVSERVE_GRPC_PORT:-8001}:8001"]
+    assert compose["services"]["lb"]["ports"] == lb_ports
     assert "models:/models:ro" in server["volumes"]  # the server only reads the repository
+    assert server["read_only"] is True and server["tmpfs"] == ["/tmp"] and server["restart"] == "unless-stopped"
+    assert build_parser().parse_args(server["healthcheck"]["test"][4:]).command == "health"
     # the container's grace period outlasts the server's own
     assert float(server["stop_grace_period"].rstrip("s")) > settings.grace_period
 
 
 def test_trainer_command_parses(compose):
     command = compose["services"]["trainer"]["entrypoint"][-1]
+    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)  # compose's defaults, as `config` fills them in
     train = shlex.split(command.split("||", 1)[1])
     assert train[0] == "convserve"
     args = build_parser().parse_args(train[1:])
-    assert args.repository == "/models"
+    assert args.repository == "/models" and args.epochs == 15
 
 
 def test_prometheus_finds_every_replica_and_loads_the_alerts():
@@ -64,7 +69,8 @@ def test_the_gpu_variant_reserves_a_gpu_on_the_cuda_image():
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert server["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
     with open(os.path.join(ROOT, "deploy", "Dockerfile.gpu")) as handle:
-        assert re.search(r"^FROM nvidia/cuda:13\.\S*cudnn-runtime", handle.read(), re.M)
+        assert re.search(r"^ARG BASE=nvidia/cuda:13\.\S*cudnn-runtime", handle.read(), re.M)
+    assert server["build"]["args"]["BASE"].startswith("${CONVSERVE_GPU_BASE:-nvidia/cuda:13.")
 
 
 def _dockerfile(name: str) -> str:
@@ -85,6 +91,30 @@ def test_the_training_image_pins_the_torch_the_tests_use():
     with open(os.path.join(ROOT, ".ci", "run")) as handle:
         tested = re.search(r"torch==([\d.]+)", handle.read()).group(1)
     assert f"ARG TORCH_VERSION={tested}" in _dockerfile("Dockerfile.train")
+
+
+def test_the_lock_pins_every_requirement_of_the_images_within_pyprojects_ranges():
+    """deploy/requirements.lock (pip -c in every image) pins each package the images install,
+    at a version pyproject.toml admits, so no build meets a conflict or an unpinned package."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    spec = importlib.util.spec_from_file_location("requirements", os.path.join(ROOT, "deploy", "requirements.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        listed = module.requirements(tomllib.load(handle), ["train"], "onnxruntime")
+    with open(os.path.join(ROOT, "deploy", "requirements.lock")) as handle:
+        pins = dict(
+            (canonicalize_name(name), version)
+            for name, version in (line.strip().split("==") for line in handle if line.strip() and line[0] != "#")
+        )
+    assert "torch" not in pins  # the Dockerfiles pin torch, by its own index
+    for line in listed:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in deploy/requirements.lock"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {line!r}"
 
 
 def _third_party_imports(folders) -> set:
@@ -110,11 +140,16 @@ def test_the_serving_image_installs_every_package_the_serving_half_imports(name)
     """The images install pyproject's dependencies (nothing by hand that a fresh build would miss);
     every third-party module the serving half and the CLI import comes from one of them."""
     text = _dockerfile(name)
-    assert "tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']" in text
-    assert "pip install --no-cache-dir -r requirements.txt" in text
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
-        dependencies = tomllib.load(handle)["project"]["dependencies"]
-    installed = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in dependencies}
+    assert "python3 requirements.py --onnxruntime" in text
+    assert "pip install --no-cache-dir --disable-pip-version-check -r requirements.txt -c requirements.lock" in text
+    listed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "deploy", "requirements.py"), os.path.join(ROOT, "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    installed = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in listed if d}
+    installed |= {"onnxruntime-gpu"}  # one package, either build
     providers = importlib.metadata.packages_distributions()
     # the CLI's training commands import the training half only when they run (tested elsewhere)
     lazily_training = {"torch", "onnx", "sklearn", "tqdm", "matplotlib", "onnxscript"}
