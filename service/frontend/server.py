@@ -203,10 +203,15 @@ class Frontend:
         self.state = ServerState.STOPPING
         self._update_health()
         self.health.close()
+        # Both doors close at once. gRPC's stop stops listening and sends GOAWAY on every connection
+        # straight away, so a load balancer's next request opens a connection elsewhere instead of
+        # meeting this front-end's refusal (UNAVAILABLE), which it would pass on to its client.
+        closing = []
         if self.http_runner is not None:  # stops listening, lets requests in progress finish
-            await self.http_runner.shutdown()
+            closing.append(self.http_runner.shutdown())
         if self.grpc_server is not None:
-            await self.grpc_server.stop(self.settings.grace_period)
+            closing.append(self.grpc_server.stop(self.settings.grace_period))
+        await asyncio.gather(*closing)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         await self.engine.close()
