@@ -12,7 +12,7 @@
 #    file's names, never over a real image of that name (one without the stand-in label). Grafana has
 #    no Debian package: the stack runs without it here.
 # PIP_CERT (a CA bundle) reaches pip as the build secret pip_cert, never a layer. A torch wheel for
-# the base's Python found in pip's find-links (PIP_FIND_LINKS) goes to deploy/wheels/ and is
+# the base's Python found in pip's find-links (PIP_FIND_LINKS, or pip's configuration) goes to deploy/wheels/ and is
 # installed from there (TORCH_INDEX empty); otherwise torch comes from its CPU index.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +45,8 @@ fi
 torch_version="$(sed -n 's/^ARG TORCH_VERSION=//p' deploy/Dockerfile.train)"
 python_tag="$("$docker" run --rm "$base" python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 torch_index=()
-for dir in ${PIP_FIND_LINKS:-}; do
+find_links="${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true)"
+for dir in $find_links; do
     for wheel in "$dir"/torch-"$torch_version"+cpu-"$python_tag"-"$python_tag"-*linux*_x86_64.whl; do
         [ -f "$wheel" ] || continue
         target="deploy/wheels/$(basename "$wheel")"
