@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REPOSITORY ?= model_repository
-# Pytest arguments, e.g. `make test PYTEST_ARGS="-k arithmetic"`
-PYTEST_ARGS ?=
+# Pytest arguments, e.g. `make test PYTEST_ARGS="-k arithmetic"` (default: list the 25 slowest tests)
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: setup serve test lint protos clean
 

@@ -126,7 +126,8 @@ def test_the_wheel_has_one_top_level_name(wheel):
 
 def _dockerfile_copies(dockerfile: str) -> list[tuple[str, str]]:
     with open(os.path.join(ROOT, "deploy", dockerfile)) as handle:
-        return [tuple(m.groups()) for m in re.finditer(r"^COPY (\S+) (\S+)$", handle.read(), re.M)]
+        lines = re.findall(r"^COPY ((?:\S+ )+)(\S+)$", handle.read(), re.M)
+    return [(src, dst) for sources, dst in lines for src in sources.split()]
 
 
 def test_the_serving_image_runs_without_the_training_half(tmp_path):
