@@ -238,19 +238,19 @@ def test_nginx_accepts_the_load_balancer_configuration(tmp_path):
 
 def render_nginx(upstreams, port: int, http_upstreams=None, http_port: int = 0) -> str:
     """deploy/nginx/nginx.conf for loopback: the compose service name replaced by real addresses
-    (gRPC's, and HTTP's: the gRPC ones again when none are given, for a syntax check)."""
+    (gRPC's, and HTTP's: the gRPC ones again when none are given, for a syntax check), each with the
+    file's own server parameters."""
     with open(os.path.join(ROOT, "deploy", "nginx", "nginx.conf")) as handle:
         text = handle.read()
-    for line in (
-        "        server server:8001;\n",
-        "listen 8001 http2;",
-        "        server server:8000;\n",
-        "listen 8000;",
-    ):
+    for line in ("listen 8001 http2;", "listen 8000;"):
         assert line in text, line
-    text = text.replace("        server server:8001;\n", "".join(f"        server {a};\n" for a in upstreams))
-    text = text.replace(
-        "        server server:8000;\n", "".join(f"        server {a};\n" for a in http_upstreams or upstreams)
-    )
+
+    def servers(port_: str, addresses) -> str:
+        (params,) = re.findall(rf"^        server server:{port_}([^;]*);\n", text, re.M)
+        text_ = "".join(f"        server {a}{params};\n" for a in addresses)
+        return re.sub(rf"^        server server:{port_}[^;]*;\n", lambda _: text_, text, flags=re.M)
+
+    text = servers("8001", upstreams)
+    text = servers("8000", http_upstreams or upstreams)
     text = text.replace("listen 8000;", f"listen 127.0.0.1:{http_port or 18000};")
     return text.replace("listen 8001 http2;", f"listen 127.0.0.1:{port or 18001} http2;")

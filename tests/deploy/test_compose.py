@@ -279,7 +279,7 @@ def docker() -> str:
 def stack(docker, tmp_path_factory):
     started = time.monotonic()
     built = _run("deploy/local/build-images.sh", timeout=2400)
-    report["build_seconds"] = round(time.monotonic() - started, 1)
+    report["second_build_seconds"] = round(time.monotonic() - started, 1)
     stack = Stack(docker, built.stdout.strip().splitlines()[-1])
     try:
         yield stack
@@ -294,7 +294,9 @@ def expected(stack, tmp_path_factory):
 
 
 def test_the_serving_image_is_small_runs_as_a_user_and_holds_no_torch_or_compiler(docker):
-    _run("deploy/local/build-images.sh", timeout=2400)  # cached after the first time
+    started = time.monotonic()
+    _run("deploy/local/build-images.sh", timeout=2400)  # minutes the first time, seconds once cached
+    report["first_build_seconds"] = round(time.monotonic() - started, 1)
     sizes = {}
     for image in ("convserve:cpu", "convserve-train:cpu"):
         sizes[image] = round(int(_run(docker, "image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6)
