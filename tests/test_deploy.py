@@ -36,7 +36,8 @@ def test_server_command_and_environment_are_real_settings(compose):
     assert set(server["environment"]) <= known
     # replicas publish nothing themselves (--scale): the load balancer takes the gRPC port
     assert "ports" not in server and {"8000", "8001", "8002"} <= set(server["expose"])
-    lb_ports = ["${CONVSERVE_HTTP_PORT:-8000}:8000", "${CONVSERVE_GRPC_PORT:-8001}:8001"]
+    publish = "${CONVSERVE_PUBLISH_ADDRESS:-0.0.0.0}:"
+    lb_ports = [publish + "${CONVSERVE_HTTP_PORT:-8000}:8000", publish + "${CONVSERVE_GRPC_PORT:-8001}:8001"]
     assert compose["services"]["lb"]["ports"] == lb_ports
     assert "models:/models:ro" in server["volumes"]  # the server only reads the repository
     assert server["read_only"] is True and server["tmpfs"] == ["/tmp"] and server["restart"] == "unless-stopped"
