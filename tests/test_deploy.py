@@ -94,17 +94,22 @@ def test_the_training_image_pins_the_torch_the_tests_use():
     assert f"ARG TORCH_VERSION={tested}" in _dockerfile("Dockerfile.train")
 
 
+def _image_requirements(extras: list[str]) -> list[str]:
+    """What deploy/requirements.py lists for an image (onnxruntime for the CPU)."""
+    spec = importlib.util.spec_from_file_location("requirements", os.path.join(ROOT, "deploy", "requirements.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        return module.requirements(tomllib.load(handle), extras, "onnxruntime")
+
+
 def test_the_lock_pins_every_requirement_of_the_images_within_pyprojects_ranges():
     """deploy/requirements.lock (pip -c in every image) pins each package the images install,
     at a version pyproject.toml admits, so no build meets a conflict or an unpinned package."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    spec = importlib.util.spec_from_file_location("requirements", os.path.join(ROOT, "deploy", "requirements.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
-        listed = module.requirements(tomllib.load(handle), ["train"], "onnxruntime")
+    listed = _image_requirements(["train"])
     with open(os.path.join(ROOT, "deploy", "requirements.lock")) as handle:
         pins = dict(
             (canonicalize_name(name), version)
@@ -143,12 +148,7 @@ def test_the_serving_image_installs_every_package_the_serving_half_imports(name)
     text = _dockerfile(name)
     assert "python3 requirements.py --onnxruntime" in text
     assert "pip install --no-cache-dir --disable-pip-version-check -r requirements.txt -c requirements.lock" in text
-    listed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "deploy", "requirements.py"), os.path.join(ROOT, "pyproject.toml")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
+    listed = _image_requirements([])
     installed = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in listed if d}
     installed |= {"onnxruntime-gpu"}  # one package, either build
     providers = importlib.metadata.packages_distributions()

@@ -37,7 +37,8 @@ report: dict = {}
 
 
 def _docker_cli() -> str | None:
-    """The docker client build-images.sh uses (one that builds with BuildKit) or None."""
+    """A docker client that reaches the engine (`docker info`), or None. Builds go through
+    build-images.sh, which picks its own client (one that builds with BuildKit)."""
     for name in ("docker", "/usr/bin/docker"):
         path = shutil.which(name)
         if path and subprocess.run([path, "info"], capture_output=True, timeout=30).returncode == 0:
@@ -98,6 +99,9 @@ class Stack:
     def inspect(self, container: str, template: str) -> str:
         return _run(self.docker, "inspect", "-f", template, container).stdout.strip()
 
+    def wait_healthy(self, container: str, timeout: float = 120) -> None:
+        _wait(lambda: self.inspect(container, "{{.State.Health.Status}}") == "healthy", timeout, f"{container} healthy")
+
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout[-8000:]
 
@@ -113,12 +117,11 @@ class Stack:
         }
 
 
-def _digits(count: int) -> np.ndarray:
-    """Real handwritten digits, 8x8 scaled up to the model's 1x32x32, in [0, 1]."""
-    from sklearn.datasets import load_digits
+def _held_out_digits() -> np.ndarray:
+    """The digits the trainer held out (359), preprocessed as the trained model takes them."""
+    from convserve.models.data import load_dataset
 
-    images = load_digits().images[:count] / 16.0
-    return np.kron(images, np.ones((4, 4)))[:, None].astype(np.float32)
+    return load_dataset("digits").test_inputs()
 
 
 class Expected:
@@ -287,11 +290,17 @@ def docker() -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(docker, tmp_path_factory):
+def base(docker) -> str:
+    """Every image built (minutes the first time, seconds once cached); the base's tag."""
     started = time.monotonic()
     built = _run("deploy/local/build-images.sh", timeout=2400)
-    report["second_build_seconds"] = round(time.monotonic() - started, 1)
-    stack = Stack(docker, built.stdout.strip().splitlines()[-1])
+    report["build_seconds"] = round(time.monotonic() - started, 1)
+    return built.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def stack(docker, base):
+    stack = Stack(docker, base)
     try:
         yield stack
     finally:
@@ -301,13 +310,10 @@ def stack(docker, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(stack, tmp_path_factory):
-    return Expected(stack, _digits(400), tmp_path_factory.mktemp("expected"))
+    return Expected(stack, _held_out_digits(), tmp_path_factory.mktemp("expected"))
 
 
-def test_the_serving_image_is_small_runs_as_a_user_and_holds_no_torch_or_compiler(docker):
-    started = time.monotonic()
-    _run("deploy/local/build-images.sh", timeout=2400)  # minutes the first time, seconds once cached
-    report["first_build_seconds"] = round(time.monotonic() - started, 1)
+def test_the_serving_image_is_small_runs_as_a_user_and_holds_no_torch_or_compiler(docker, base):
     sizes = {}
     for image in ("convserve:cpu", "convserve-train:cpu"):
         sizes[image] = round(int(_run(docker, "image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6)
@@ -351,7 +357,7 @@ def test_up_trains_serves_both_replicas_and_prometheus_counts_every_request(stac
         assert stack.inspect(server, "{{.Config.User}}") not in ("", "root", "0")
         assert stack.inspect(server, "{{.HostConfig.ReadonlyRootfs}}") == "true"
         assert stack.inspect(server, "{{.HostConfig.RestartPolicy.Name}}") == "unless-stopped"
-        _wait(lambda s=server: stack.inspect(s, "{{.State.Health.Status}}") == "healthy", 60, "healthy replicas")
+        stack.wait_healthy(server, 60)
 
     wrong = 0
     for i in range(200):
@@ -417,7 +423,7 @@ def test_a_replica_killed_under_load_fails_only_with_unavailable_and_comes_back(
     # the load balancer stopped sending to it within seconds
     assert counts.get("last_unavailable_after_s", 0) < 5, counts
     _wait(lambda: int(stack.inspect(victim, "{{.RestartCount}}")) > restarts, 60, "Docker to restart the replica")
-    _wait(lambda: stack.inspect(victim, "{{.State.Health.Status}}") == "healthy", 120, "the replica healthy again")
+    stack.wait_healthy(victim)
 
 
 def test_a_rolling_restart_loses_nothing_a_retrying_client_would_not_retry(stack, expected):
@@ -431,7 +437,7 @@ def test_a_rolling_restart_loses_nothing_a_retrying_client_would_not_retry(stack
     counts = _fault("docker-compose restart server", stack, expected, restart, restarts=True)
     assert counts["ok"] > 0
     for server in stack.containers("server"):
-        _wait(lambda s=server: stack.inspect(s, "{{.State.Health.Status}}") == "healthy", 120, "healthy replicas")
+        stack.wait_healthy(server)
 
 
 def test_replicas_restarted_one_at_a_time_keep_answering(stack, expected):
@@ -441,7 +447,7 @@ def test_replicas_restarted_one_at_a_time_keep_answering(stack, expected):
     def roll():
         for server in stack.containers("server"):
             _run(stack.docker, "restart", "--time", "30", server)
-            _wait(lambda s=server: stack.inspect(s, "{{.State.Health.Status}}") == "healthy", 120, "healthy again")
+            stack.wait_healthy(server)
 
     counts = _fault("one replica at a time (docker restart)", stack, expected, roll, restarts=True)
     assert counts["ok"] > 0
@@ -477,7 +483,7 @@ def test_prometheus_killed_and_restarted_goes_unnoticed_by_the_servers(stack, ex
         _run(stack.docker, "kill", prometheus)
         time.sleep(2)
         _run(stack.docker, "start", prometheus)
-        _wait(lambda: stack.inspect(prometheus, "{{.State.Health.Status}}") == "healthy", 60, "Prometheus healthy")
+        stack.wait_healthy(prometheus, 60)
 
     counts = _fault("prometheus killed and restarted", stack, expected, kill_and_restart)
     assert counts["unavailable"] == 0, counts
