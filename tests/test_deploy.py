@@ -103,24 +103,64 @@ def _image_requirements(extras: list[str]) -> list[str]:
         return module.requirements(tomllib.load(handle), extras, "onnxruntime")
 
 
+def _pins(path: str) -> dict:
+    """{canonical name: version} of a lock's `name==version[ ; marker]` lines."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    with open(os.path.join(ROOT, path)) as handle:
+        for line in handle:
+            if line.strip() and not line.lstrip().startswith("#"):
+                requirement = Requirement(line.strip())
+                (specifier,) = requirement.specifier
+                assert specifier.operator == "==", line
+                pins[canonicalize_name(requirement.name)] = specifier.version
+    return pins
+
+
 def test_the_lock_pins_every_requirement_of_the_images_within_pyprojects_ranges():
     """deploy/requirements.lock (pip -c in every image) pins each package the images install,
     at a version pyproject.toml admits, so no build meets a conflict or an unpinned package."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    listed = _image_requirements(["train"])
-    with open(os.path.join(ROOT, "deploy", "requirements.lock")) as handle:
-        pins = dict(
-            (canonicalize_name(name), version)
-            for name, version in (line.strip().split("==") for line in handle if line.strip() and line[0] != "#")
-        )
+    pins = _pins("deploy/requirements.lock")
     assert "torch" not in pins  # the Dockerfiles pin torch, by its own index
-    for line in listed:
+    for line in _image_requirements(["train"]):
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not in deploy/requirements.lock"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {line!r}"
+
+
+def test_the_images_lock_agrees_with_the_development_lock():
+    """What the images install is what `make test` ran: every package both locks name at one version
+    (the CPU image's onnxruntime at the version of the dev lock's onnxruntime-gpu)."""
+    dev = _pins("requirements.lock")
+    dev.setdefault("onnxruntime", dev.get("onnxruntime-gpu"))
+    images = _pins("deploy/requirements.lock")
+    assert "torch" not in dev  # the Makefile installs torch first, from a build that suits the machine
+    disagree = {name: (version, dev.get(name)) for name, version in images.items() if dev.get(name) != version}
+    assert not disagree, f"(image, dev) versions differ: {disagree}; run `make lock`"
+
+
+def test_the_development_lock_pins_pyprojects_every_requirement():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    dev = _pins("requirements.lock")
+    extras = project["optional-dependencies"]
+    listed = project["dependencies"] + extras["train"] + extras["dev"]
+    for line in listed:
+        requirement = Requirement(line.split("#", 1)[0])
+        name = canonicalize_name(requirement.name)
+        if name == "torch" or (requirement.marker and not requirement.marker.evaluate()):
+            continue
+        assert name in dev, f"{name} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(dev[name]), f"{name}=={dev[name]} is outside {line!r}: run `make lock`"
 
 
 def _third_party_imports(folders) -> set:

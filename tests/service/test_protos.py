@@ -1,22 +1,101 @@
-"""The committed generated code matches protos/, and protos/ matches Triton's wire format."""
+"""The committed generated code matches protos/, and protos/ matches Triton's wire format.
 
+What matters in the generated modules is the wire: each file's descriptor (messages, fields, numbers,
+services) and the methods each gRPC stub registers. The generator's own version lines change with every
+grpcio-tools patch release and are not compared; the floors they impose on the runtime are checked
+against pyproject.toml instead.
+"""
+
+import ast
 import importlib
 import os
+import re
 import sys
 
+import pytest
+import tomllib
+from google.protobuf import descriptor_pb2
+from packaging.requirements import Requirement
+from packaging.version import Version
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMMITTED = os.path.join(ROOT, "service", "proto")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
-def test_generated_modules_match_the_protos(tmp_path):
-    gen_protos = importlib.import_module("gen_protos")
-    gen_protos.generate(str(tmp_path))
-    committed = os.path.join(ROOT, "service", "proto")
-    generated = sorted(f for f in os.listdir(tmp_path) if f.endswith((".py", ".pyi")))
-    assert generated == sorted(f for f in os.listdir(committed) if f.endswith((".py", ".pyi")))
-    for name in generated:
-        with open(tmp_path / name) as fresh, open(os.path.join(committed, name)) as old:
-            assert fresh.read() == old.read(), f"service/proto/{name} is stale: run `make protos`"
+def _modules(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith((".py", ".pyi")) and f != "__init__.py")
+
+
+def _read(folder, name):
+    with open(os.path.join(folder, name)) as handle:
+        return handle.read()
+
+
+def _descriptor(source: str) -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto a generated *_pb2.py registers (its serialized bytes literal)."""
+    literal = re.search(r"AddSerializedFile\((b'.*?')\)\n", source, flags=re.S)
+    assert literal, "no serialized descriptor in a generated module"
+    proto = descriptor_pb2.FileDescriptorProto()
+    proto.ParseFromString(ast.literal_eval(literal.group(1)))
+    return proto
+
+
+def _stub_methods(source: str) -> list[str]:
+    return sorted(set(re.findall(r"'(/[\w.]+/\w+)'", source)))
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("protos")
+    importlib.import_module("gen_protos").generate(str(out))
+    return out
+
+
+def test_generated_modules_match_the_protos(generated):
+    assert _modules(generated) == _modules(COMMITTED)
+    for name in _modules(COMMITTED):
+        fresh, old = _read(generated, name), _read(COMMITTED, name)
+        stale = f"service/proto/{name} is stale: run `make protos`"
+        if name.endswith("_pb2.py"):
+            assert _descriptor(fresh) == _descriptor(old), stale
+        elif name.endswith("_grpc.py"):
+            assert _stub_methods(fresh) == _stub_methods(old), stale
+        else:  # .pyi stubs: the message classes and their fields, one per line
+            assert _class_lines(fresh) == _class_lines(old), stale
+
+
+def _class_lines(source: str) -> list[str]:
+    return [line.strip() for line in source.splitlines() if re.match(r"\s*(class |\w+: )", line)]
+
+
+def _floor(pyproject: dict, package: str) -> Version:
+    """The lower bound pyproject.toml's dependencies give a package."""
+    for line in pyproject["project"]["dependencies"]:
+        requirement = Requirement(line.split("#", 1)[0])
+        if requirement.name == package:
+            floors = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==", "~=")]
+            assert floors, f"{package} has no lower bound in pyproject.toml"
+            return max(floors)
+    raise AssertionError(f"{package} is not among pyproject.toml's dependencies")
+
+
+def test_pyprojects_floors_admit_no_runtime_the_generated_code_refuses():
+    """The generated modules refuse, at import, a grpcio older than the grpcio-tools that wrote them
+    and a protobuf runtime older than their gencode: pyproject's floors must not allow either."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        pyproject = tomllib.load(handle)
+    sources = [_read(COMMITTED, name) for name in _modules(COMMITTED)]
+    grpc_versions = {Version(v) for text in sources for v in re.findall(r"GRPC_GENERATED_VERSION = '([\d.]+)'", text)}
+    gencode = r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),"
+    protobuf_versions = {Version(".".join(m)) for text in sources for m in re.findall(gencode, text)}
+    assert grpc_versions and protobuf_versions
+    for package in ("grpcio", "grpcio-health-checking", "grpcio-reflection"):
+        assert _floor(pyproject, package) >= max(grpc_versions), f"{package}'s floor is below the generated code's"
+    assert _floor(pyproject, "protobuf") >= max(protobuf_versions)
+    dev = pyproject["project"]["optional-dependencies"]["dev"]
+    tools = next(Requirement(r) for r in dev if r.startswith("grpcio-tools"))
+    assert tools.specifier.contains(str(max(grpc_versions))), "`make protos` could not rewrite what is committed"
 
 
 def _fields(message):
