@@ -118,8 +118,83 @@ _RESAMPLE = {
 
 
 @dataclass(frozen=True)
+class InkSpec:
+    """How a drawing is made to look like a model's training data before the resize, for models
+    trained on strokes filling the frame (scikit-learn's digits, MNIST): the same steps run on the
+    training images, so training and serving see one distribution.
+
+    1. polarity, read from the border: paper darker or lighter than the strokes; a drawing whose
+       paper is the opposite of the training data's is inverted;
+    2. paper to black and the brightest ink to white (a thin or grey stroke counts as a full one);
+    3. the ink's bounding box, squared about its centre and widened by `margin` on each side (the
+       training data's own margin, measured at training), is cropped;
+    4. that square is area-averaged to `native` (H, W), the training data's own size, so strokes
+       blur as the training data's did, then stretched to full range again.
+    """
+
+    paper: str = "dark"  # the training data's: "dark" (light strokes on dark) or "light"
+    margin: float = 0.0  # share of the side left empty around the ink's box, per side
+    native: tuple[int, int] = (0, 0)  # the training images' own (H, W); (0, 0): no such step
+
+    def __post_init__(self) -> None:
+        if self.paper not in ("dark", "light"):
+            raise ContractError(f"ink paper must be dark or light, not {self.paper!r}")
+        if not 0.0 <= self.margin < 0.5:
+            raise ContractError(f"ink margin must be in [0, 0.5), not {self.margin}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InkSpec:
+        native = data.get("native") or (0, 0)
+        return cls(
+            paper=str(data.get("paper", "dark")),
+            margin=float(data.get("margin", 0.0)),
+            native=(int(native[0]), int(native[1])),
+        )
+
+
+# Ink fainter than this above the paper (of 255) is no drawing: the image is left as it is.
+_FAINTEST_INK = 24
+
+
+def _stretched(grey: np.ndarray, paper: float) -> np.ndarray:
+    """Paper -> 0, the brightest ink -> 255 (float32 in, uint8 out)."""
+    peak = float(grey.max())
+    scale = 255.0 / max(peak - paper, 1.0)
+    return np.clip(np.rint((grey - paper) * scale), 0, 255).astype(np.uint8)
+
+
+def fit_ink(image: Image.Image, ink: InkSpec) -> Image.Image:
+    """A drawing as the training data looks (see InkSpec): greyscale, paper as the training data's,
+    the ink cropped with the training data's margin, at its native size. An image with no visible
+    ink comes back unchanged."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 127.5:  # light paper: work on dark paper, light strokes
+        grey = 255.0 - grey
+    paper = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+    if grey.max() - paper < _FAINTEST_INK:
+        return image
+    ink_mask = grey > paper + 0.5 * (grey.max() - paper)
+    rows, cols = np.nonzero(ink_mask.any(axis=1))[0], np.nonzero(ink_mask.any(axis=0))[0]
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    half = max(bottom - top, right - left) / (1.0 - 2.0 * ink.margin) / 2.0
+    centre_y, centre_x = (top + bottom) / 2.0, (left + right) / 2.0
+    x0, y0 = round(float(centre_x) - half), round(float(centre_y) - half)
+    side = max(1, round(2.0 * half))
+    out = Image.new("L", (side, side), 0)  # what lies beyond the drawing is paper
+    out.paste(Image.fromarray(_stretched(grey, paper), mode="L"), (-x0, -y0))
+    if ink.native != (0, 0):
+        out = out.resize((ink.native[1], ink.native[0]), Image.Resampling.BOX)
+        out = Image.fromarray(_stretched(np.asarray(out, dtype=np.float32), 0.0), mode="L")
+    if ink.paper == "light":
+        out = ImageOps.invert(out)
+    return out.convert(image.mode) if image.mode != "L" else out
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
-    """How raw images become the model's input: convert, resize, scale to [0, 1], normalise."""
+    """How raw images become the model's input: (fit the ink,) convert, resize, scale to [0, 1],
+    normalise."""
 
     height: int
     width: int
@@ -129,6 +204,7 @@ class PreprocessSpec:
     std: tuple[float, ...] = (1.0,)
     scale: float = 1.0 / 255.0  # uint8 -> [0, 1] before the mean and std
     layout: str = "NCHW"
+    ink: Optional[InkSpec] = None  # a drawing made to look like the training data first (InkSpec)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -168,6 +244,7 @@ class PreprocessSpec:
             std=tuple(data["std"]),
             scale=float(data.get("scale", 1 / 255)),
             layout=data.get("layout", "NCHW"),
+            ink=InkSpec.from_dict(data["ink"]) if data.get("ink") else None,
         )
 
 
@@ -198,6 +275,8 @@ def resize_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     image = upright_8bit(image)
     if image.mode != spec.mode:
         image = image.convert(spec.mode)
+    if spec.ink is not None:
+        image = fit_ink(image, spec.ink)
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), _RESAMPLE[spec.resize])
     array = np.asarray(image, dtype=np.uint8)

@@ -24,9 +24,14 @@ class TrainConfig:
     dataset: str = _opt("digits", "digits (built in), imagefolder:PATH, cifar10:PATH, mnist:PATH or fashion-mnist:PATH")
     image_size: Optional[int] = _opt(None, "square input side (default: the arch's own, 32 for alexnet_small)")
     augment: Optional[bool] = _opt(
-        None, "random crop (padding 4) + flip (default: off for digits and MNIST, on otherwise)"
+        None,
+        "photos: random crop (padding 4) + flip; drawings (digits, MNIST): half of each batch redrawn, rotated,"
+        " sheared, narrower or wider, thinner or thicker strokes (default: on, but off for MNIST's 60,000)",
     )
     test_fraction: float = _opt(0.2, "test share for sources without their own test split")
+    typed_digits: bool = _opt(
+        True, "digits only: also train on the digits typed in the DejaVu faces this machine has (printed shapes)"
+    )
     # model
     arch: str = _opt("alexnet_small", "zoo model")
     width_mult: float = _opt(0.5, "alexnet_small only: channel width multiplier (half width trains digits in seconds)")

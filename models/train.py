@@ -93,6 +93,41 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4)
     return out
 
 
+def augment_drawings(x: torch.Tensor, spec: PreprocessSpec, generator: torch.Generator) -> torch.Tensor:
+    """Half the batch redrawn as other hands would draw it: rotated (±12°), sheared (±0.25), narrower
+    or wider (0.75-1.15), strokes thinner or thicker (a 3x3 erosion or dilation), then blurred
+    through the training data's native size and stretched to full range, as the ink step
+    (convserve.contract.InkSpec) does to a user's drawing. x: normalised (B, C, H, W)."""
+    b, _, h, w = x.shape
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    raw = x * std + mean  # [0, 1], ink light on dark
+    stroke = torch.randint(0, 3, (b,), generator=generator)
+    raw = torch.where((stroke == 1).view(-1, 1, 1, 1), nn.functional.max_pool2d(raw, 3, 1, 1), raw)
+    raw = torch.where((stroke == 2).view(-1, 1, 1, 1), -nn.functional.max_pool2d(-raw, 3, 1, 1), raw)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(12)
+    shear = (torch.rand(b, generator=generator) * 2 - 1) * 0.25
+    width = 0.75 + torch.rand(b, generator=generator) * 0.4
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # the grid maps output to input coordinates: its inverse scales the drawing's width by `width`
+    theta = torch.stack(
+        [
+            torch.stack([cos / width, (-sin + shear) / width, torch.zeros(b)], 1),
+            torch.stack([sin, cos, torch.zeros(b)], 1),
+        ],
+        1,
+    ).to(x.dtype)
+    grid = nn.functional.affine_grid(theta, list(raw.shape), align_corners=False)
+    raw = nn.functional.grid_sample(raw, grid, padding_mode="zeros", align_corners=False)
+    native_h, native_w = spec.ink.native if spec.ink and spec.ink.native != (0, 0) else (h, w)
+    raw = nn.functional.adaptive_avg_pool2d(raw, (native_h, native_w))
+    raw = raw / raw.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    raw = nn.functional.interpolate(raw, size=(h, w), mode="bilinear", align_corners=False)
+    redrawn = (raw - mean) / std
+    keep = (torch.rand(b, generator=generator) < 0.5).view(-1, 1, 1, 1)
+    return torch.where(keep, x, redrawn)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256
@@ -155,11 +190,17 @@ def train(config: TrainConfig) -> TrainResult:
     image_size = config.image_size or default_image_size(config.arch)
     try:
         data = load_dataset(
-            config.dataset, size=(image_size, image_size), seed=config.seed, test_fraction=config.test_fraction
+            config.dataset,
+            size=(image_size, image_size),
+            seed=config.seed,
+            test_fraction=config.test_fraction,
+            typed_digits=config.typed_digits,
         )
     except DataError as exc:
         raise TrainError(str(exc)) from None
-    augment = config.augment if config.augment is not None else not config.dataset.startswith(("digits", "mnist"))
+    # drawings (digits, MNIST: the spec has an ink step) are redrawn; photos are cropped and flipped
+    augment = config.augment if config.augment is not None else not config.dataset.startswith("mnist")
+    redraw = data.spec.ink is not None
 
     train_x = torch.from_numpy(data.train_inputs())  # (N, C, H, W)
     train_y = torch.from_numpy(data.train_labels)
@@ -229,7 +270,7 @@ def train(config: TrainConfig) -> TrainResult:
         bar = _progress(loader, epoch, config.epochs, show_progress)
         for x, y in bar:
             if augment:
-                x = augment_batch(x, augment_generator)
+                x = augment_drawings(x, data.spec, augment_generator) if redraw else augment_batch(x, augment_generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)  # (B, K)
             loss = criterion(logits, y)

@@ -9,20 +9,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convserve.models.data import DataError, load_dataset, read_idx
+from convserve.models.data import DataError, load_dataset, read_idx, typed_digits
 
 
 def test_digits_split_is_fixed_and_normalised():
     first = load_dataset("digits", seed=0)
     again = load_dataset("digits", seed=0)
-    assert first.train_images.shape == (1438, 32, 32, 1) and first.test_images.shape == (359, 32, 32, 1)
+    typed = len(typed_digits()[0])  # added to the training split only
+    assert first.train_images.shape == (1438 + typed, 32, 32, 1) and first.test_images.shape == (359, 32, 32, 1)
     assert np.array_equal(first.test_labels, again.test_labels)
     assert np.array_equal(first.test_images, again.test_images)
     other = load_dataset("digits", seed=1)
     assert not np.array_equal(first.test_labels, other.test_labels)
     x = first.train_inputs()
-    assert x.shape == (1438, 1, 32, 32) and x.dtype == np.float32
+    assert x.shape == (1438 + typed, 1, 32, 32) and x.dtype == np.float32
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_digits_record_their_ink_step_and_typed_digits_are_only_trained_on():
+    """The digits' spec makes a drawing look like them (8x8 native, no margin: the ink fills the frame),
+    and the typed digits join the training split, never the test split."""
+    with_typed = load_dataset("digits", seed=0)
+    without = load_dataset("digits", seed=0, typed_digits=False)
+    assert with_typed.spec.ink is not None and with_typed.spec.ink.native == (8, 8)
+    assert with_typed.spec.ink.margin == 0.0 and with_typed.spec.ink.paper == "dark"
+    assert np.array_equal(with_typed.test_images, without.test_images)
+    images, labels = typed_digits()
+    assert len(without.train_images) + len(images) == len(with_typed.train_images)
+    if len(images):  # DejaVu's faces are installed (fonts-dejavu): each digit in each face, two sizes
+        assert images.shape[1:] == (8, 8, 1) and sorted(set(labels.tolist())) == list(range(10))
+        assert images.max(axis=(1, 2, 3)).min() == 255  # stretched to full range, as the digits are
 
 
 def _write_pngs(folder, count, color, size=(12, 10)):
