@@ -46,6 +46,7 @@ import re
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -225,12 +226,17 @@ def _over_perf_analyzer(
             str(int(seconds * 1000)),
             "--percentile",
             "50",
+            # perf_analyzer measures window after window until three agree within the stability
+            # percentage: a noisy machine needs more than its default 10 windows. A short run (under
+            # 5 s a window) is a look, not a figure to publish: 3 to 6 windows that agree within 50 %.
             "--max-trials",
-            "20",  # a noisy machine needs more windows than the default 10 to call it stable
+            "20" if seconds >= 5 else "6",
+            "--stability-percentage",
+            "10" if seconds >= 5 else "50",
             "--max-threads",
             str(max(4, min(clients, 16))),
         ]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds * 20 + 120)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=seconds * 22 + 120)
     found = _PA_LINE.search(result.stdout)
     if result.returncode != 0 or found is None:
         raise RuntimeError(f"perf_analyzer failed: {(result.stdout + result.stderr)[-2000:]}")
@@ -362,9 +368,12 @@ def run(
 
     wanted_sets = {output_set(case) for case in cases}
     limits = {}
+    spent = {"in-process limits": 0.0, "server starts": 0.0, "measurements": 0.0}  # where the time goes
     for key in sorted(wanted_sets):
         progress(f"in-process limit for {key} ...")
+        started = time.perf_counter()
         limits[key] = in_process_limit(runtime, x, output_sets[key], settings.max_batch_size, seconds)
+        spent["in-process limits"] += time.perf_counter() - started
     provider = runtime.execution_provider
     runtime.close()
     del runtime  # its threads would compete with the server's
@@ -372,7 +381,9 @@ def run(
     output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
     pa_data = {
         "input": {"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}},
-        "image": {"image": {"content": [{"b64": base64.b64encode(png).decode()}], "shape": [1]}},
+        # perf_analyzer sends a "b64" value's bytes as the tensor's raw contents: a BYTES tensor's
+        # element is its 4-byte little-endian length, then the PNG
+        "image": {"image": {"b64": base64.b64encode(struct.pack("<I", len(png)) + png).decode(), "shape": [1]}},
     }
     for case in _HTTP_FORMATS:
         pa_data[case] = pa_data["input"]
@@ -380,17 +391,21 @@ def run(
     for frontends in frontends_list:
         port, http_port = _free_port(), _free_port()
         url = f"127.0.0.1:{port}"
+        started = time.perf_counter()
         server = _start_server(
             repository, port, ["--frontends", str(frontends), "--http-port", str(http_port), *server_args]
         )
         try:
             wait_until_ready(url, server)
+            spent["server starts"] += time.perf_counter() - started
+            progress(f"server with {_plural(frontends, 'front-end')} ready in {time.perf_counter() - started:.1f} s")
             for case in cases:
                 outputs = fmaps if output_set(case) == "fmaps" else _DEFAULT_OUTPUTS
                 limit = limits[output_set(case)]
                 for clients in clients_list:
                     by = "perf_analyzer" if case in by_pa else "python"
-                    progress(f"server ({frontends} front-ends): {case}, {clients} clients, {by} ...")
+                    progress(f"server ({_plural(frontends, 'front-end')}): {case}, {clients} clients, {by} ...")
+                    started = time.perf_counter()
                     answered, cpu = _answered(url, model), tree_cpu_seconds(server.pid)
                     try:
                         if by == "perf_analyzer":
@@ -409,6 +424,9 @@ def run(
                         measured = Measurement(0, seconds, [], [], {0.5: float("nan"), 0.99: float("nan")})
                     cpu = tree_cpu_seconds(server.pid) - cpu
                     answered = _answered(url, model) - answered
+                    took = time.perf_counter() - started
+                    spent["measurements"] += took
+                    progress(f"  {took:.1f} s (windows of {seconds:g} s until they agree)")
                     cpu_ms = cpu * 1000 / answered if answered else float("nan")
                     batches = measured.batch_sizes
                     rows.append(
@@ -440,7 +458,12 @@ def run(
         "limits": {k: vars(v) for k, v in limits.items()},
         "driver": "perf_analyzer" if tool is not None else "python",
         "rows": rows,
+        "spent_seconds": spent,
     }
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _start_server(repository: str, port: int, args: Sequence[str]) -> subprocess.Popen:
@@ -519,4 +542,8 @@ def format_report(report: dict) -> str:
             f"{r['server_p50_ms']:>8.2f} {r['added_p50_ms']:>+12.2f} {r['server_p99_ms']:>8.2f} "
             f"{r['server_cpu_ms_per_request']:>10.3f} {r['beyond_model_cpu_ms']:>12.3f}"
         )
+    spent = report.get("spent_seconds")
+    if spent:
+        parts = ", ".join(f"{what} {seconds:.0f} s" for what, seconds in spent.items())
+        lines += ["", f"time: {sum(spent.values()):.0f} s ({parts})"]
     return "\n".join(lines)

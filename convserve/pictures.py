@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 BORDER = 1
 BORDER_VALUE = 128  # mid grey: tells the tiles apart whether they are dark or bright
 MIN_TILE = 32  # pixels: a tile smaller than this is scaled up
+FILTER_GAP = 4  # pixels between kernels: 3x3 kernels side by side with 1 px between read as one noise field
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,11 @@ class GridLayout:
         return top, left, top + self.tile_height, left + self.tile_width
 
 
-def layout(channels: int, height: int, width: int, min_tile: int = MIN_TILE) -> GridLayout:
+def layout(channels: int, height: int, width: int, min_tile: int = MIN_TILE, border: int = BORDER) -> GridLayout:
     cols = math.ceil(math.sqrt(channels))
     rows = math.ceil(channels / cols)
     scale = max(1, math.ceil(min_tile / max(height, width)))
-    return GridLayout(channels, cols, rows, height * scale, width * scale)
+    return GridLayout(channels, cols, rows, height * scale, width * scale, border)
 
 
 def to_uint8(values: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
@@ -82,7 +83,7 @@ def filter_grid(weights: np.ndarray, min_tile: int = MIN_TILE) -> tuple[np.ndarr
     if weights.ndim != 4:
         raise ValueError(f"filters are (out, in, kh, kw), not {weights.shape}")
     out, inputs, kh, kw = weights.shape
-    plan = layout(out, kh, kw, min_tile)
+    plan = layout(out, kh, kw, min_tile, border=FILTER_GAP)
     scale = plan.tile_height // kh
     colour = inputs == 3
     tiles = to_uint8(weights, axes=(1, 2, 3)) if colour else to_uint8(weights.mean(axis=1), axes=(1, 2))
@@ -111,19 +112,30 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 def panel(title_lines: list[str], pictures: list[tuple[str, np.ndarray]], gap: int = 12) -> np.ndarray:
     """Pictures side by side under a title (and each under its caption), on white: RGB uint8."""
-    font_height = 14
+    font = _font()
+    font_height = 18
     rgb = [(caption, np.stack([p] * 3, axis=-1) if p.ndim == 2 else p) for caption, p in pictures]
     head = gap + font_height * len(title_lines) + gap
     height = head + font_height + max(p.shape[0] for _, p in rgb) + gap
     width = gap + sum(p.shape[1] + gap for _, p in rgb)
-    width = max(width, gap + 7 * max(len(line) for line in title_lines) + gap)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(width, gap + math.ceil(max(measure.textlength(line, font=font) for line in title_lines)) + gap)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(title_lines):
-        draw.text((gap, gap + i * font_height), line, fill="black")
+        draw.text((gap, gap + i * font_height), line, fill="black", font=font)
     left = gap
     for caption, picture in rgb:
-        draw.text((left, head), caption, fill="black")
+        draw.text((left, head), caption, fill="black", font=font)
         canvas.paste(Image.fromarray(picture), (left, head + font_height))
         left += picture.shape[1] + gap
     return np.asarray(canvas)
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own scalable font (FreeType, Pillow 10.1+): proportional, with real spaces, where the
+    old bitmap default runs words together ("digitsconv3")."""
+    try:
+        return ImageFont.load_default(13)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()

@@ -7,6 +7,17 @@ import asyncio
 import grpc
 
 
+class StartupError(Exception):
+    """A process that cannot start for a reason its user can mend (a port in use): one line says
+    what and how. A child sends it to the supervisor over its ready pipe; the command prints it."""
+
+
+def port_in_use(port: int, door: str, setting: str) -> StartupError:
+    """The one line for a port someone else holds: which, and the flag and variable that move it."""
+    flag, variable = "--" + setting.replace("_", "-"), "CONVSERVE_" + setting.upper()
+    return StartupError(f"port {port} ({door}) is in use; set {flag} or {variable}")
+
+
 class ServingError(Exception):
     """Base of every error a client should see as a status code and a message.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -22,11 +23,13 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+from .errors import StartupError, port_in_use
 from .settings import Settings
 
 log = logging.getLogger("convserve")
@@ -34,6 +37,7 @@ log = logging.getLogger("convserve")
 RUN_PREFIX = "convserve-run-"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _START_TIMEOUT = 600.0  # seconds for the engine to load the repository (a big model on a cold GPU)
 
 
@@ -65,8 +69,20 @@ def clean_stale_runs(root: str) -> None:
                 log.info("removed %s, left by a server that was killed", entry)
 
 
+def set_title(title: str) -> None:
+    """What `ps` and `top` show for this process (nginx's and PostgreSQL's habit), instead of a spawned
+    child's `python -B -c from multiprocessing.spawn ...`."""
+    try:
+        import setproctitle
+    except ImportError:  # pyproject installs it; without it, the kernel's 15-character name at least
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)
+        return
+    setproctitle.setproctitle(title)
+
+
 def child_process(role: str, settings: Settings, parent: int, target: Callable[..., None], *args: Any) -> None:
     """A child's entry point: die with the parent, leave SIGINT to the supervisor, log, run `target`."""
+    set_title("convserve: " + role.replace("frontend-", "front-end "))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the signal was armed
@@ -125,10 +141,18 @@ class Supervisor:
         return process, receive
 
     def _await_ready(self, process: Any, ready: Any, what: str) -> Any:
+        """What the child says once it serves; its StartupError raised here; RuntimeError when it dies."""
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline and not self.stopping:
             if ready.poll(0.1):
-                return ready.recv()
+                try:
+                    answer = ready.recv()
+                except EOFError:  # it died without a word
+                    process.join(5.0)
+                    raise RuntimeError(f"{what} exited with {process.exitcode} while starting") from None
+                if isinstance(answer, StartupError):
+                    raise answer
+                return answer
             if not process.is_alive():
                 raise RuntimeError(f"{what} exited with {process.exitcode} while starting")
             self._handle_signals()
@@ -178,22 +202,23 @@ class Supervisor:
     # ---- the run ---------------------------------------------------------------------------------
 
     def run(self) -> int:
+        set_title("convserve: supervisor")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         metrics_server = None
         try:
+            self._check_ports()  # before anything loads: a port in use is one line, at once
             if self.settings.metrics_port:  # first: it answers (model_ready 0) while the models load
                 metrics_server = self._serve_metrics()
             versions = self.start_engine()
             for index in range(self.count):
                 self.start_frontend(index)
-            print(
-                f"convserve: serving {versions} model version(s) on {self.settings.host}:{self.port} "
-                f"({self.count} front-end{'s' if self.count > 1 else ''}, one engine)",
-                flush=True,
-            )
+            print(self._serving_lines(versions), flush=True)
             self._watch()
             return 0
+        except StartupError as exc:
+            print(f"convserve: {exc}", file=sys.stderr, flush=True)
+            return 1
         except RuntimeError as exc:
             log.error("%s", exc)
             return 1
@@ -202,7 +227,8 @@ class Supervisor:
             if metrics_server is not None:
                 metrics_server.shutdown()
             shutil.rmtree(self.run_dir, ignore_errors=True)
-            log.info("stopped")
+            if self.engine is not None:
+                log.info("stopped")
 
     def _watch(self) -> None:
         """Until a stopping signal: restart whatever dies."""
@@ -258,6 +284,48 @@ class Supervisor:
                 self.engine.kill()
                 self.engine.join()
 
+    def _serving_lines(self, versions: int) -> str:
+        """What a person starting the server needs: where each door is, the page's address, and a
+        warning when anyone on the network may use it."""
+        s = self.settings
+        doors = [f"gRPC {s.host}:{self.port}"]
+        if s.http_port:
+            doors.append(f"HTTP :{s.http_port}")
+        if s.metrics_port:
+            doors.append(f"metrics :{s.metrics_port}")
+        frontends = f"{self.count} front-end{'s' if self.count > 1 else ''}"
+        lines = [f"convserve: serving {versions} model version(s) on {', '.join(doors)} ({frontends}, one engine)"]
+        if s.http_port:
+            scheme = "https" if s.tls_cert else "http"
+            host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+            lines.append(f"convserve: the page: {scheme}://{host}:{s.http_port}/")
+        if s.host in ("0.0.0.0", "::", "") and not s.auth_token:
+            lines.append(
+                "convserve: listening on every interface with no token: anyone who reaches this machine can use"
+                " and load models; set --auth-token (CONVSERVE_AUTH_TOKEN) or --host 127.0.0.1"
+            )
+        return "\n".join(lines)
+
+    def _check_ports(self) -> None:
+        """StartupError for the first port another program holds (the front-ends share theirs with
+        SO_REUSEPORT, as here, so only a stranger's socket refuses the bind)."""
+        s = self.settings
+        ports = [(self.port, "gRPC", "grpc_port", s.host, True), (s.http_port, "HTTP", "http_port", s.host, True)]
+        ports.append((s.metrics_port, "metrics", "metrics_port", s.metrics_host or s.host, False))
+        for port, door, setting, host, shared in ports:
+            if not port:
+                continue
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if shared:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        raise port_in_use(port, door, setting) from None
+                    raise RuntimeError(f"cannot listen on {host}:{port} ({door}): {exc.strerror or exc}") from None
+
     def _serve_metrics(self):
         from prometheus_client import CollectorRegistry, multiprocess
 
@@ -274,6 +342,8 @@ class Supervisor:
             endpoint = MetricsEndpoint(registry, host, s.metrics_port, token, max_connections=s.metrics_max_connections)
             return endpoint.start()
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise port_in_use(s.metrics_port, "metrics", "metrics_port") from None
             raise RuntimeError(f"cannot serve /metrics on {host}:{s.metrics_port}: {exc.strerror or exc}") from None
 
 

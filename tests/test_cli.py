@@ -103,3 +103,28 @@ def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(bad_datasets, arg
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("convserve: error:"), result.stderr[-2000:]
     assert not repository.exists() or not any(repository.rglob("*"))
+
+
+def _subcommands():
+    import argparse
+
+    from convserve.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_help_shows_the_defaults_and_every_flag_explains_itself():
+    commands = _subcommands()
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"convserve {name} {action.option_strings[0]} has no help text"
+    shown = {name: " ".join(parser.format_help().split()) for name, parser in commands.items()}
+    assert "gRPC port (0: any free port) (default: 8001)" in shown["serve"]
+    assert "(default: 8000)" in shown["serve"] and "(default: 8002)" in shown["serve"]
+    assert "labels to show per image (default: 5)" in shown["infer"]
+    assert "the server's gRPC address (default: 127.0.0.1:8001)" in shown["infer"]
+    assert "passes over the training split (default: 15)" in shown["train"]
+    assert "(default: visualize)" in shown["visualize"]

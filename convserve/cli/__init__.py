@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import looking, serving, training
-from .base import UsageError
+from .base import HelpFormatter, UsageError
 
 COMMANDS = [*training.COMMANDS, *serving.COMMANDS, *looking.COMMANDS]
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="convserve", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p = sub.add_parser(command.name, help=command.help, description=command.help, formatter_class=HelpFormatter)
         command.configure(p)
         p.set_defaults(run=command.run)
     return parser

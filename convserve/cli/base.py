@@ -41,13 +41,27 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if typing.get_origin(kind) is Union:  # Optional[X] -> X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = "--" + f.name.replace("_", "-")
-        extra: dict[str, Any] = {"help": f.metadata.get("help")}
+        help_text = f.metadata.get("help") or ""
+        if f.default not in (None, "", dataclasses.MISSING) and "default" not in help_text:
+            shown = ("on" if f.default else "off") if kind is bool else f.default
+            help_text += f" (default: {shown})"
+        extra: dict[str, Any] = {"help": help_text}
         if "choices" in f.metadata:
             extra["choices"] = f.metadata["choices"]
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **extra)
         else:
             parser.add_argument(flag, type=kind, default=None, **extra)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, where it has one worth saying (not None, empty or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, "", False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

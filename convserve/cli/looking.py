@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from .base import Command, UsageError, add_server_flags, rpc_errors
-from .remote import connect
+from .remote import connect, describe_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -67,19 +67,6 @@ def _check_image(path: str) -> None:
         kind = None
     if kind not in ("PNG", "JPEG"):
         raise UsageError(f"{path} is not a PNG or JPEG image")
-
-
-def _model(client, model: str):
-    """DescribeModel, with an unknown model turned into one line naming the models there are."""
-    import grpc
-
-    try:
-        return client.describe(model)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
-        served = sorted({m.name for m in client.models() if m.state == "READY"})
-        raise UsageError(f"unknown model {model!r}; the server has: {', '.join(served) or 'no models'}") from None
 
 
 def _feature_map_names(wanted: str, description) -> list[str]:
@@ -170,7 +157,7 @@ def _infer(args: argparse.Namespace) -> int:
     for path in files:
         _check_image(path)
     with connect(args) as client:
-        description = _model(client, args.model)
+        description = describe_model(client, args.model)
         names = _feature_map_names(args.feature_maps, description)
         spec = PreprocessSpec.from_dict(json.loads(description.preprocess_json))
         with rpc_errors():
@@ -243,7 +230,7 @@ def _report(path: str, result, saved: dict, as_json: bool) -> None:
 def _visualize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="served model")
     p.add_argument("image", help="a PNG/JPEG file")
-    p.add_argument("--save-dir", required=True, help="one PNG per conv layer goes here")
+    p.add_argument("--save-dir", default="visualize", help="one PNG per conv layer goes here")
     add_server_flags(p)
 
 
@@ -254,7 +241,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
     _check_image(args.image)
     with connect(args) as client:
-        description = _model(client, args.model)
+        description = describe_model(client, args.model)
         rows = {layer.name: layer for layer in description.layers}
         filters = {}
         for name in description.feature_maps:
@@ -292,7 +279,8 @@ def _visualize(args: argparse.Namespace) -> int:
                 (f"feature maps ({fmap.shape[0]} channels)", grid(fmap)[0]),
             ],
         )
-        target = os.path.join(args.save_dir, f"{name}_{_shape_text(fmap.shape)}.png")
+        stem = os.path.splitext(os.path.basename(args.image))[0]  # a second image does not overwrite the first
+        target = os.path.join(args.save_dir, f"{stem}_{description.name}_{name}_{_shape_text(fmap.shape)}.png")
         save_png(picture, target)
         print(target)
     return 0

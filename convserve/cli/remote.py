@@ -38,3 +38,18 @@ def connect(args: argparse.Namespace):
             "(`make serve` starts one; --url sets the address)"
         ) from None
     return client
+
+
+def describe_model(client, model: str, version: str = ""):
+    """DescribeModel, with an unknown model turned into one line naming the models there are."""
+    import grpc
+
+    try:
+        return client.describe(model, version)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
+        served = sorted({m.name for m in client.models() if m.state == "READY"})
+        if model in served:  # the model is there, the version is not
+            raise UsageError(exc.details()) from None
+        raise UsageError(f"unknown model {model!r}; the server has: {', '.join(served) or 'no models'}") from None

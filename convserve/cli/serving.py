@@ -8,7 +8,7 @@ import json
 import os
 
 from .base import Command, UsageError, add_flags, add_server_flags, rpc_errors
-from .remote import client_tls
+from .remote import client_tls, connect, describe_model
 
 # ---- serve -------------------------------------------------------------------------------------
 
@@ -42,10 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from convserve.client import Client
     from convserve.service.proto import grpc_service_pb2 as pb
 
-    with Client(args.url, token=args.token, tls=client_tls(args)) as client, rpc_errors():
+    with connect(args) as client, rpc_errors():
         index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
     for model in index.models:
         print(f"{model.name:<24} {model.version:>7}  {model.state:<12} {model.reason}")
@@ -53,20 +52,14 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _describe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model")
-    p.add_argument("--version", default="")
+    p.add_argument("model", help="served model")
+    p.add_argument("--version", default="", help="its version (default: the newest served)")
     add_server_flags(p)
 
 
 def _describe(args: argparse.Namespace) -> int:
-    from convserve.client import open_channel
-    from convserve.service.proto import introspection_pb2 as ipb
-    from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
-
-    with open_channel(args.url, args.token, tls=client_tls(args)) as channel, rpc_errors():
-        answer = ipb_grpc.IntrospectionStub(channel).DescribeModel(
-            ipb.DescribeModelRequest(name=args.model, version=args.version), timeout=10
-        )
+    with connect(args) as client:
+        answer = describe_model(client, args.model, args.version)
     try:  # the table's layout is the arithmetic module's, in the training half
         from convserve.models.arithmetic import LayerRow, Table, format_table
     except ImportError:
@@ -118,8 +111,8 @@ def _describe(args: argparse.Namespace) -> int:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     from convserve.bench import CASES
 
-    p.add_argument("--repository", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--repository", required=True, help="model repository folder the benchmark's servers serve")
+    p.add_argument("--model", required=True, help="model in it to measure (in-process and through the server)")
     p.add_argument("--clients", default="1,4,16,64", help="comma list of concurrent client counts")
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of: {', '.join(CASES)}")
@@ -199,7 +192,10 @@ def _health(args: argparse.Namespace) -> int:
         stub = health_pb2_grpc.HealthStub(channel)
         answer = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
-        print(f"{args.url}: {exc.code().name}: {exc.details()}")
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            print(f"{args.url}: {exc.code().name}: no server answers there (is `convserve serve` running? --url)")
+        else:
+            print(f"{args.url}: {exc.code().name}: {exc.details()}")
         return 1
     finally:
         channel.close()

@@ -152,9 +152,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint.pt written by `convserve train`")
     p.add_argument("--arch", default=None, help="with --random-init: the zoo model to export untrained")
     p.add_argument("--random-init", action="store_true", help="export an untrained zoo model")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="with --random-init: classes of the untrained model")
     p.add_argument("--input", default=None, help="with --random-init: CxHxW (default: the arch's own)")
-    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--repository", default="model_repository", help="model repository folder, written into")
     p.add_argument("--name", default=None, help="model name (default: the checkpoint's dataset, or the arch)")
 
 

@@ -11,8 +11,10 @@ gives the same case.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
+import io
 import json
 import logging
 import os
@@ -25,6 +27,9 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from PIL import Image
+
+from convserve.contract import PreprocessSpec
 
 from ..errors import InvalidInput, ServingError, status_of
 from ..ipc import DTYPES
@@ -33,6 +38,7 @@ from ..proto import introspection_pb2 as ipb
 from .introspection import IntrospectionServicer
 from .observe import Outcome
 from .postprocess import deserialize_bytes, serialize_bytes, wire_dtype
+from .preprocess import ImageDecodeError, ImageLimits, decode_image
 from .protocol import InferResult
 from .servicer import InferenceServicer
 
@@ -81,6 +87,13 @@ class _Context:
 
     def set_trailing_metadata(self, metadata) -> None:
         pass
+
+
+def _preprocessed_png(data: bytes, spec: PreprocessSpec, limits: ImageLimits) -> bytes:
+    pixels = decode_image(data, spec, limits)  # uint8 (H, W, C)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _error(code: grpc.StatusCode, message: str) -> web.Response:
@@ -347,6 +360,7 @@ class HttpFrontDoor:
                 )
             ),
         )
+        route("POST", "/convserve/v1/models/{model}/preprocess", self._preprocessed)
         # the page: the server's own files, with a policy that lets them talk to this server only
         route("GET", "/", self._page)
         app.router.add_static("/static/", STATIC, follow_symlinks=False)
@@ -411,6 +425,17 @@ class HttpFrontDoor:
             return web.json_response(to_json(getattr(answer, field) if field else answer))
 
         return handle
+
+    async def _preprocessed(self, request: web.Request) -> web.Response:
+        """An image (the body, PNG or JPEG) as the model sees it: a PNG after its card's preprocessing
+        (the ink step, the resize, the colour mode; before the mean and std), as infer decodes it."""
+        model = self.servicer.models.resolve(request.match_info["model"], request.query.get("version", ""))
+        body = await _body(request)
+        try:
+            png = await asyncio.to_thread(_preprocessed_png, body, model.card.preprocess, model.image_limits)
+        except ImageDecodeError as exc:
+            raise InvalidInput(f"image: {exc}") from None
+        return web.Response(body=png, content_type="image/png")
 
     def _listed(self, method, message, named: bool):
         """Shared-memory status: V2 HTTP answers a list of regions where gRPC has a map."""

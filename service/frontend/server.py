@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import ssl
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from convserve.cpus import available_cpus
 
+from ..errors import StartupError, port_in_use
 from ..ipc import Arena
 from ..metrics import Metrics
 from ..proto import POOL
@@ -167,8 +170,8 @@ class Frontend:
             bound = self.grpc_server.add_secure_port(address, server_credentials(s))
         else:
             bound = self.grpc_server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+        if bound == 0:  # gRPC says no more; a port held by another program is the usual cause
+            raise port_in_use(self.port, "gRPC", "grpc_port")
         if s.http_port:
             await self._start_http(servicer, introspection)
         self.state = ServerState.READY
@@ -190,7 +193,12 @@ class Frontend:
                 context.load_verify_locations(s.tls_client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
         site = web.TCPSite(self.http_runner, s.host, s.http_port, ssl_context=context, reuse_port=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise port_in_use(s.http_port, "HTTP", "http_port") from None
+            raise
         log.info("front-end %s listening on %s:%d (HTTP)", self.identity, s.host, s.http_port)
 
     def stop_now(self) -> None:
@@ -239,9 +247,13 @@ async def serve(settings: Settings, socket_path: str, port: int, index: int, cou
 def main(settings: Settings, socket_path: str, port: int, index: int, count: int, ready: Optional[Any] = None) -> None:
     """The front-end process's entry point (`ready`: a multiprocessing Connection told when it listens)."""
 
-    def tell() -> None:
+    def tell(answer: Any = True) -> None:
         if ready is not None:
             with contextlib.suppress(OSError):  # a restarted front-end's supervisor does not wait
-                ready.send(True)
+                ready.send(answer)
 
-    asyncio.run(serve(settings, socket_path, port, index, count, tell))
+    try:
+        asyncio.run(serve(settings, socket_path, port, index, count, tell))
+    except StartupError as exc:  # the supervisor says it, once, and stops: no traceback from here
+        tell(exc)
+        sys.exit(1)

@@ -85,10 +85,25 @@ def _check_grid(picture: np.ndarray, channels: int, height: int, width: int) -> 
 
 
 def test_visualize_draws_filters_beside_feature_maps_per_conv_layer(server, tmp_path):
-    run = convserve("visualize", "digits", "examples/digits/5-test109.png", "--save-dir", str(tmp_path), url=server.url)
-    assert run.returncode == 0, run.stderr
-    written = run.stdout.split()
-    assert [os.path.basename(p).split("_")[0] for p in written] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    """One picture per conv layer, named by the image, the model and the layer, so a second image does not
+    overwrite the first; --save-dir defaults to ./visualize."""
+    written = []
+    for image in ("5-test109", "3-test13"):
+        args = ["visualize", "digits", os.path.join(EXAMPLES, image + ".png")]
+        run = subprocess.run(
+            [sys.executable, "-m", "convserve", *args, "--url", server.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr
+        paths = run.stdout.split()
+        names = [os.path.basename(p) for p in paths]
+        assert [n.split("_")[:3] for n in names] == [[image, "digits", f"conv{i}"] for i in range(1, 6)], names
+        assert all(os.path.dirname(p) == "visualize" for p in paths)
+        written += [tmp_path / p for p in paths]
+    assert len(set(written)) == 10 and all(p.exists() for p in written)
     for path in written:
         picture = Image.open(path)
         assert picture.mode == "RGB" and picture.size[0] > 200 and picture.size[1] > 100
@@ -126,6 +141,9 @@ def test_the_python_client_classifies_and_fetches_filters(server, served_reposit
         (["infer", "examples/digits", "--feature-maps", "conv9"], "no feature map 'conv9' in digits; it has: conv1"),
         (["infer", "no/such/file.png"], "no such file or folder: no/such/file.png"),
         (["visualize", "nope", "examples/digits/1-test90.png", "--save-dir", "x"], "unknown model 'nope'"),
+        (["describe", "digitz"], "unknown model 'digitz'; the server has: digits"),
+        (["models", "--url", "127.0.0.1:1"], "cannot reach a convserve server at 127.0.0.1:1"),
+        (["describe", "digits", "--url", "127.0.0.1:1"], "cannot reach a convserve server at 127.0.0.1:1"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_a_nonzero_exit(server, args, message):

@@ -92,6 +92,12 @@ def test_the_page_classifies_a_digit_and_shows_every_conv_layer(server, served_r
     first = layers[0]
     tile = first.find_element(By.CSS_SELECTOR, ".grid canvas")
     assert tile.get_attribute("title").startswith("channel 0, 32×32, min ")
+    # conv1's tiles (the largest maps) are drawn at least as large as any deeper layer's
+    sizes = [layer.find_element(By.CSS_SELECTOR, ".grid canvas").size["width"] for layer in layers]
+    assert sizes[0] >= max(sizes) and sizes[0] >= 32, sizes
+    # the image as the model saw it (the server's preprocessing), beside the one sent
+    assert browser.find_element(By.ID, "seen").is_displayed()
+    assert browser.execute_script("return document.getElementById('preprocessed').naturalWidth") == 32
     assert "floor((32 + 2·1 − 3)/1) + 1 = 32" in first.find_element(By.CSS_SELECTOR, ".arith").text
     shot = tmp_path / "page.png"
     browser.set_window_size(1200, 1600)
@@ -103,6 +109,10 @@ def test_the_page_classifies_a_digit_and_shows_every_conv_layer(server, served_r
     _wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
     error = browser.find_element(By.ID, "error").text
     assert "\n" not in error and ("PNG" in error or "image" in error), error
+    # the previous answer went with the failed request: no stale prediction stands beside the error
+    assert not browser.find_element(By.ID, "answer").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#bars .bar, .layer")
+    assert not browser.find_element(By.ID, "seen").is_displayed()
     browser.find_element(By.ID, "fp16").click()  # half the bytes, the same answer
     _upload(browser, DIGIT)
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
@@ -111,3 +121,38 @@ def test_the_page_classifies_a_digit_and_shows_every_conv_layer(server, served_r
     # the console: nothing but the refused upload's own 400 (a CSP violation would be an error too)
     logged = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert [e for e in logged if "the server responded with a status of 400" not in e["message"]] == []
+
+
+def test_a_digit_drawn_on_the_pad_with_the_pointer_is_read(server, browser):
+    """A '7' drawn with pointer events (dark strokes on white, unlike the light-on-dark 8x8 digits the
+    model learned): the ink step makes it look like them, and the page shows what the model saw."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{server.http_port}/")
+    _wait(browser, lambda d: "digits" in [o.text for o in d.find_elements(By.CSS_SELECTOR, "#model option")])
+    pad = browser.find_element(By.ID, "pad")
+    width = pad.size["width"]
+    # offsets from the pad's centre: across the top, then down to the lower left
+    points = [(-0.23, -0.29), (0.23, -0.29), (-0.08, 0.33)]
+    steps = [(round(x * width), round(y * width)) for x, y in points]
+    chain = ActionChains(browser).move_to_element_with_offset(pad, *steps[0]).click_and_hold()
+    previous = steps[0]
+    for point in steps[1:]:
+        for k in range(1, 11):  # many small moves: each is one pointermove, one segment of the stroke
+            x = previous[0] + (point[0] - previous[0]) * k // 10
+            y = previous[1] + (point[1] - previous[1]) * k // 10
+            chain.move_to_element_with_offset(pad, x, y)
+        previous = point
+    chain.release().perform()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
+    assert browser.find_element(By.CSS_SELECTOR, "#bars .bar .label").text == "7"
+    assert browser.find_element(By.ID, "seen").is_displayed()
+    assert browser.execute_script("return document.getElementById('preprocessed').naturalWidth") == 32
+    # what the model saw: light strokes on a dark ground, as its training digits (the pad is white)
+    corner = browser.execute_script(
+        "const img = document.getElementById('preprocessed'); const c = document.createElement('canvas');"
+        "c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d');"
+        "g.drawImage(img, 0, 0); return Array.from(g.getImageData(31, 31, 1, 1).data).slice(0, 3);"
+    )
+    assert max(corner) < 64, corner

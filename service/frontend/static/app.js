@@ -61,6 +61,30 @@ const EXAMPLES = ["0-test20.png", "1-test90.png", "2-test2.png", "3-test13.png",
 
 // ---- one request ---------------------------------------------------------------------------------
 
+// What the last request showed; cleared when a new one fails, so no stale answer stands beside an error.
+function clearAnswer() {
+  $("answer").hidden = true;
+  $("bars").innerHTML = "";
+  $("metrics").innerHTML = "";
+  $("layers").innerHTML = "";
+  $("seen").hidden = true;
+}
+
+// The image as the model sees it (its card's preprocessing: for digits, the ink step, then the resize),
+// from the server's own code, beside the image that was sent.
+async function showSeen(model, image) {
+  const sent = URL.createObjectURL(new Blob([image]));
+  const response = await call("/convserve/v1/models/" + encodeURIComponent(model) + "/preprocess", {
+    method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: image,
+  });
+  const seen = URL.createObjectURL(await response.blob());
+  const preprocessed = $("preprocessed");
+  await new Promise((resolve) => { preprocessed.onload = resolve; preprocessed.onerror = resolve; preprocessed.src = seen; });
+  $("sent").src = sent;
+  $("seen-caption").textContent = "as the model saw it, " + preprocessed.naturalWidth + "×" + preprocessed.naturalHeight;
+  $("seen").hidden = false;
+}
+
 async function classify(image) {
   showError("");
   const model = $("model").value;
@@ -100,11 +124,13 @@ async function classify(image) {
       }
     }
     const elapsed = performance.now() - started;
+    await showSeen(model, image);
     showAnswer(tensors.probabilities.data, answer.parameters, elapsed, raw.length);
     await showLayers(model, described, maps, tensors);
     $("status").textContent = "done: " + raw.length.toLocaleString() + " bytes in " + elapsed.toFixed(0) + " ms";
   } catch (error) {
     $("status").textContent = "";
+    clearAnswer();
     showError(String(error.message || error));
   }
 }
@@ -211,11 +237,15 @@ function arithmetic(row) {
   return p;
 }
 
+const TILE_PX = 48;
+
 function grid(tensor) {
   const [, channels, height, width] = tensor.shape;
   const box = document.createElement("div");
   box.className = "grid";
-  const scale = Math.max(1, Math.floor(48 / Math.max(height, width)));
+  // every layer's tiles at least TILE_PX on their longer side: conv1's large maps are never drawn smaller
+  // than a deeper layer's small ones
+  const scale = Math.max(TILE_PX, Math.max(height, width)) / Math.max(height, width);
   for (let c = 0; c < channels; c++) {
     const plane = tensor.data.subarray(c * height * width, (c + 1) * height * width);
     let min = Infinity, max = -Infinity;
@@ -231,8 +261,8 @@ function tile(plane, width, height, min, max, scale, rgb) {
   const canvas = document.createElement("canvas");
   canvas.width = width;
   canvas.height = height;
-  canvas.style.width = width * scale + "px";
-  canvas.style.height = height * scale + "px";
+  canvas.style.width = Math.round(width * scale) + "px";
+  canvas.style.height = Math.round(height * scale) + "px";
   const context = canvas.getContext("2d");
   const image = context.createImageData(width, height);
   const range = max - min || 1;
@@ -281,6 +311,44 @@ function filterGrid(filters) {
   return wrap;
 }
 
+// ---- the drawing pad: dark strokes on white paper, sent as a PNG when the pen lifts -------------------
+
+function drawingPad() {
+  const pad = $("pad");
+  const context = pad.getContext("2d");
+  const blank = () => { context.fillStyle = "#fff"; context.fillRect(0, 0, pad.width, pad.height); };
+  blank();
+  let last = null;
+  const at = (event) => {
+    const box = pad.getBoundingClientRect();
+    return [(event.clientX - box.left) * pad.width / box.width, (event.clientY - box.top) * pad.height / box.height];
+  };
+  pad.addEventListener("pointerdown", (event) => {
+    pad.setPointerCapture(event.pointerId);
+    last = at(event);
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const point = at(event);
+    context.strokeStyle = "#000";
+    context.lineWidth = 12;
+    context.lineCap = context.lineJoin = "round";
+    context.beginPath();
+    context.moveTo(last[0], last[1]);
+    context.lineTo(point[0], point[1]);
+    context.stroke();
+    last = point;
+  });
+  const lift = () => {
+    if (!last) return;
+    last = null;
+    pad.toBlob(async (blob) => classify(new Uint8Array(await blob.arrayBuffer())), "image/png");
+  };
+  pad.addEventListener("pointerup", lift);
+  pad.addEventListener("pointercancel", lift);
+  $("clear").addEventListener("click", blank);
+}
+
 // ---- wiring ----------------------------------------------------------------------------------------
 
 async function fromFile(file) {
@@ -290,6 +358,7 @@ async function fromFile(file) {
 
 window.addEventListener("DOMContentLoaded", () => {
   $("model").addEventListener("change", modelChanged);
+  drawingPad();
   $("file").addEventListener("change", (event) => fromFile(event.target.files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
