@@ -42,7 +42,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Regenerate the committed protobuf modules under service/proto from protos/
+# Regenerate the committed protobuf modules under convserve/proto from protos/
 protos: setup
 	$(PY) scripts/gen_protos.py
 

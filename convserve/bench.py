@@ -61,11 +61,11 @@ import numpy as np
 
 from convserve.client import build_request, channel_options, wait_until_ready
 from convserve.contract import DEFAULT_OUTPUTS, MODEL_FILE, ModelCard, normalize, version_dir, versions
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.engine.runtime import ModelRuntime
-from convserve.service.frontend.protocol import ShmRef
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.settings import Settings
+from convserve.wire import ShmRef
 
 CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps", "http", "http-json")
 # perf_analyzer over V2 HTTP/REST: Triton's binary tensor extension (its default), or JSON tensors

@@ -21,12 +21,11 @@ import grpc
 import numpy as np
 
 from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME
-from convserve.service.frontend.postprocess import serialize_bytes
-from convserve.service.frontend.protocol import ShmRef, output_array
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
-from convserve.service.proto import introspection_pb2 as ipb
-from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import introspection_pb2 as ipb
+from convserve.proto import introspection_pb2_grpc as ipb_grpc
+from convserve.wire import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION, ShmRef, output_array, serialize_bytes
 
 
 def build_request(
@@ -73,10 +72,10 @@ def build_request(
 
 
 def _shm_parameters(parameters, ref: ShmRef) -> None:
-    parameters["shared_memory_region"].string_param = ref.region
-    parameters["shared_memory_byte_size"].int64_param = ref.byte_size
+    parameters[SHM_REGION].string_param = ref.region
+    parameters[SHM_BYTE_SIZE].int64_param = ref.byte_size
     if ref.offset:
-        parameters["shared_memory_offset"].int64_param = ref.offset
+        parameters[SHM_OFFSET].int64_param = ref.offset
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):

@@ -1,8 +1,8 @@
-"""Generate service/proto/*_pb2*.py (and .pyi stubs) from protos/ (run by `make protos`; committed, checked by a test).
+"""Generate convserve/proto/*_pb2*.py (and .pyi stubs) from protos/ (`make protos`; committed, checked by a test).
 
 protoc writes absolute imports (`from inference import model_config_pb2`); they are rewritten to
-package-relative ones so the modules live inside `service.proto`. The messages are registered in a
-descriptor pool of their own (`service.proto.POOL`), not protobuf's default pool: tritonclient
+package-relative ones so the modules live inside `convserve.proto`. The messages are registered in a
+descriptor pool of their own (`convserve.proto.POOL`), not protobuf's default pool: tritonclient
 registers the same `inference.*` names there, and one process may hold both (our tests do).
 """
 
@@ -72,4 +72,4 @@ POOL = descriptor_pool.DescriptorPool()
 
 
 if __name__ == "__main__":
-    generate(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "service", "proto"))
+    generate(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "convserve", "proto"))

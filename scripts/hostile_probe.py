@@ -30,9 +30,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client import build_request, wait_until_ready
-from convserve.service.frontend.protocol import ShmRef
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.wire import ShmRef
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -249,8 +249,8 @@ def case_metrics_sockets(server: Server, stub) -> str:
 
 
 def case_filters_bomb(server: Server, stub, repository: str) -> str:
-    from convserve.service.proto import introspection_pb2 as ipb
-    from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
+    from convserve.proto import introspection_pb2 as ipb
+    from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
     folder = sorted(glob.glob(os.path.join(repository, "digits", "*")))[-1]
     path = os.path.join(folder, "filters.npz")

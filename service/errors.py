@@ -70,7 +70,7 @@ class EngineUnavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Remote(ServingError):
+class EngineRefusal(ServingError):
     """An error the engine answered with: its status code, message and limit, as the engine gave them."""
 
     def __init__(self, code: str, message: str, limit: str = "", queued: bool = False) -> None:

@@ -6,22 +6,10 @@ request's outputs back into the same block. Only small control messages travel, 
 per front-end, as length-prefixed pickles of a *list* of messages: everything a process sends in one
 event-loop turn goes in one write (one message per front-end per executed batch, not one per request).
 
-Messages are plain tuples, first item the kind:
-
-    front-end -> engine
-        ("infer", rid, model, version, source, shape, outputs, deadline)
-            source  ("arena", offset) | ("shm", region, offset, byte_size)
-            outputs [(name, ("arena", offset) | ("shm", region, offset, byte_size, datatype))]
-            deadline time.monotonic() seconds (CLOCK_MONOTONIC is one clock for all processes) or None
-        ("cancel", rid)                                 drop it if it has not started
-        ("stat", model, version, record)                a finished request, for ModelStatistics
-        ("call", cid, method, args)                     a control call (index, load, statistics, shm ...)
-    engine -> front-end
-        ("done", rid, queue_ns, compute_ns, batch_size)
-        ("failed", rid, code, message, limit, queued)   code: a grpc.StatusCode name; queued: it reached
-                                                        its model's queue (Triton counts failures from there)
-        ("reply", cid, value) | ("refused", cid, code, message, limit)
-        ("models", table)                               the served models, after every change
+Each message is a class below (a NamedTuple: its fields are its documentation), sent as a plain
+tuple `(Kind, *fields)`: pickling a tuple of plain values costs a fifth of pickling the NamedTuple
+itself. The receiving side dispatches on the kind through a table of handlers whose parameters are
+the message's fields (`tests/test_architecture.py` checks that every kind has one).
 
 The arena is a memfd (os.memfd_create), passed to the engine once over the socket (SCM_RIGHTS): it
 has no name under /dev/shm, so nothing of it outlives the processes that map it, even after kill -9.
@@ -32,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
+import logging
 import math
 import mmap
 import os
@@ -40,17 +30,151 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
+# ---- the messages ---------------------------------------------------------------------------------
+
+
+class Kind(enum.IntEnum):
+    # front-end -> engine
+    INFER = 1
+    CANCEL = 2
+    STAT = 3
+    CALL = 4
+    SEEN = 5
+    # engine -> front-end
+    DONE = 11
+    FAILED = 12
+    REPLY = 13
+    REFUSED = 14
+    MODELS = 15
+
+
+class Infer(NamedTuple):
+    """Run a request whose input is in `source`, its outputs into `outputs`' destinations."""
+
+    rid: int
+    model: str
+    version: int
+    source: tuple  # ("arena", offset) | ("shm", region, offset, byte_size)
+    shape: tuple  # of the input, (N, C, H, W)
+    outputs: list  # [(name, ("arena", offset) | ("shm", region, offset, byte_size, datatype))]
+    deadline: Optional[float]  # time.monotonic() seconds (CLOCK_MONOTONIC: one clock for all processes)
+
+
+class Cancel(NamedTuple):
+    """Its client went: drop the request if it has not started (it is answered either way)."""
+
+    rid: int
+
+
+class Stat(NamedTuple):
+    """A finished request, for ModelStatistics (the engine counts for every front-end)."""
+
+    model: str
+    version: int
+    record: tuple
+
+
+class Call(NamedTuple):
+    """A control call: `method` one of the engine's calls (index, load, statistics, shm_* ...)."""
+
+    cid: int
+    method: str
+    args: tuple
+
+
+class Seen(NamedTuple):
+    """The front-end routes by models table `seq` now: the engine may retire what it replaced."""
+
+    seq: int
+
+
+class Done(NamedTuple):
+    """A request ran; its outputs are in their destinations."""
+
+    rid: int
+    queue_ns: int
+    compute_ns: int
+    batch_size: int
+
+
+class Failed(NamedTuple):
+    """A request did not run. `code` is a grpc.StatusCode name; `queued`: it reached its model's queue
+    (Triton counts failures from there)."""
+
+    rid: int
+    code: str
+    message: str
+    limit: str
+    queued: bool
+
+
+class Reply(NamedTuple):
+    """A control call's answer (plain data)."""
+
+    cid: int
+    value: Any
+
+
+class Refused(NamedTuple):
+    """A control call that failed: as Failed, without `queued`."""
+
+    cid: int
+    code: str
+    message: str
+    limit: str
+
+
+class Models(NamedTuple):
+    """The served models and the repository's index, after every change (and on connecting)."""
+
+    table: dict
+
+
+Message = Union[Infer, Cancel, Stat, Call, Seen, Done, Failed, Reply, Refused, Models]
+TO_ENGINE: dict[Kind, type] = {
+    Kind.INFER: Infer,
+    Kind.CANCEL: Cancel,
+    Kind.STAT: Stat,
+    Kind.CALL: Call,
+    Kind.SEEN: Seen,
+}
+TO_FRONTEND: dict[Kind, type] = {
+    Kind.DONE: Done,
+    Kind.FAILED: Failed,
+    Kind.REPLY: Reply,
+    Kind.REFUSED: Refused,
+    Kind.MODELS: Models,
+}
+KIND_OF: dict[type, Kind] = {cls: kind for kind, cls in {**TO_ENGINE, **TO_FRONTEND}.items()}
+Handlers = dict[Kind, Callable[..., None]]  # a kind -> a callable taking the message's fields
+
+
+def on_wire(message: Message) -> tuple:
+    """(kind, *fields): what travels (the kind as a plain int: an enum member pickles as its class)."""
+    return (KIND_OF[type(message)].value, *message)
+
+
+def dispatch(handlers: Handlers, wire: tuple) -> bool:
+    """Hand a received (kind, *fields) to its handler; False for a kind this side has none for."""
+    handler = handlers.get(wire[0])
+    if handler is None:
+        log.error("a message of kind %r, which this side does not take", wire[0])
+        return False
+    handler(*wire[1:])
+    return True
+
+
+# ---- the socket: framing, the arena ------------------------------------------------------------------
+
+log = logging.getLogger("convserve.ipc")
 _LENGTH = struct.Struct("<I")
 # Blocks start on cache lines: numpy reads and writes them at full speed, and two requests' blocks
 # never share a line that two threads write.
 ALIGN = 64
-Message = tuple
-# Output datatypes a destination may ask for (FP16 halves a feature map), as little-endian numpy types
-DTYPES = {"FP32": "<f4", "FP16": "<f2"}
 
 
 def _frame(value: Any) -> bytes:
@@ -126,7 +250,7 @@ class Link:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._outgoing: list[Message] = []
+        self._outgoing: list[tuple] = []
         self._loop = asyncio.get_running_loop()
         self.closed = False
 
@@ -136,7 +260,7 @@ class Link:
             return
         if not self._outgoing:
             self._loop.call_soon(self._flush)
-        self._outgoing.append(message)
+        self._outgoing.append(on_wire(message))
 
     def _flush(self) -> None:
         if self.closed or not self._outgoing:
@@ -145,14 +269,14 @@ class Link:
         self._outgoing = []
         self._writer.write(frame)
 
-    async def serve(self, dispatch: Callable[[Message], None]) -> None:
-        """Read until the other end goes; each message to `dispatch`, in order."""
+    async def serve(self, handlers: Handlers) -> None:
+        """Read until the other end goes; each message to its handler, in order."""
         try:
             while True:
                 header = await self._reader.readexactly(_LENGTH.size)
                 (length,) = _LENGTH.unpack(header)
-                for message in pickle.loads(await self._reader.readexactly(length)):
-                    dispatch(message)
+                for wire in pickle.loads(await self._reader.readexactly(length)):
+                    dispatch(handlers, wire)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -175,15 +299,15 @@ class BlockingLink:
         self.closed = False
 
     def send(self, messages: list[Message]) -> None:
-        frame = _frame(messages)
+        frame = _frame([on_wire(m) for m in messages])
         try:
             with self._lock:
                 self._sock.sendall(frame)
         except OSError:  # the front-end went: its reader thread sees the end and cleans up
             self.closed = True
 
-    def messages(self) -> Iterator[list[Message]]:
-        """Each frame's messages, until the other end goes."""
+    def messages(self) -> Iterator[list[tuple]]:
+        """Each frame's messages, as (Kind, *fields), until the other end goes."""
         buffer = bytearray()
         while True:
             while len(buffer) >= _LENGTH.size:

@@ -93,11 +93,31 @@ def test_the_halves_meet_only_at_the_contract():
             assert not reaches(module, "convserve.models") and not reaches(module, "convserve.cli"), module
         if module.startswith("convserve.models"):
             assert not reaches(module, "convserve.service") and not reaches(module, "convserve.cli"), module
-    for leaf in ("convserve.contract", "convserve.cpus", "convserve.cli.base", "convserve"):
+    for leaf in ("convserve.contract", "convserve.wire", "convserve.cpus", "convserve.cli.base", "convserve"):
         assert not edges[leaf], f"{leaf} imports {edges[leaf]}"
     # both halves do use the contract
     assert reaches("convserve.service.engine.registry", "convserve.contract")
     assert reaches("convserve.models.export", "convserve.contract")
+
+
+def test_the_client_never_imports_the_server():
+    """The Python client speaks the wire (convserve.wire, convserve.proto) and the contract; nothing of
+    convserve.service. The benchmark still measures the in-process limit with the server's own
+    ModelRuntime (the same session options), and that is its one import of the serving half."""
+    edges = _imports(_modules())
+
+    def reached(start):
+        seen, todo = set(), [start]
+        while todo:
+            for target in edges[todo.pop()]:
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    assert not [m for m in reached("convserve.client") if m.startswith("convserve.service")]
+    served = {m for m in edges["convserve.bench"] if m.startswith("convserve.service")}
+    assert served == {"convserve.service.engine.runtime", "convserve.service.settings"}, served
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +141,7 @@ def test_the_wheel_has_one_top_level_name(wheel):
     for module, path in _modules().items():  # every module is in it, where its import name says
         expected = module.replace(".", "/") + ("/__init__.py" if path.endswith("__init__.py") else ".py")
         assert expected in wheel, expected
-    assert "convserve/service/proto/grpc_service_pb2.py" in wheel
+    assert "convserve/proto/grpc_service_pb2.py" in wheel
 
 
 def _dockerfile_copies(dockerfile: str) -> list[tuple[str, str]]:
@@ -203,3 +223,38 @@ def test_the_folders_show_the_processes():
     # the one shared module of messages and arenas
     assert "convserve.service.ipc" in edges["convserve.service.engine.core"]
     assert "convserve.service.ipc" in edges["convserve.service.frontend.engine_link"]
+
+
+def test_every_message_kind_is_handled_on_its_receiving_side():
+    """ipc.py lists the messages (TO_ENGINE, TO_FRONTEND); the engine's connection to a front-end and
+    the front-end's link to the engine each take every kind sent to them, with a handler whose
+    parameters are the message's fields, and nothing else."""
+    import inspect
+
+    from convserve.service import ipc
+    from convserve.service.engine.core import FrontendConnection
+    from convserve.service.frontend.engine_link import EngineLink
+
+    engine_side = FrontendConnection(None, None, None, {}).handlers
+    frontend_side = EngineLink("", None, 0, lambda table: None, lambda up: None).handlers
+    for handlers, listed in ((engine_side, ipc.TO_ENGINE), (frontend_side, ipc.TO_FRONTEND)):
+        assert set(handlers) == set(listed)
+        for kind, handler in handlers.items():
+            parameters = list(inspect.signature(handler).parameters)
+            assert parameters == list(listed[kind]._fields), (kind, parameters)
+    assert set(ipc.TO_ENGINE).isdisjoint(ipc.TO_FRONTEND)
+    assert set(ipc.KIND_OF) == {*ipc.TO_ENGINE.values(), *ipc.TO_FRONTEND.values()}
+
+
+def test_a_message_travels_as_a_plain_tuple_and_arrives_at_its_handler():
+    import pickle
+
+    from convserve.service import ipc
+
+    message = ipc.Done(rid=7, queue_ns=10, compute_ns=20, batch_size=3)
+    wire = pickle.loads(pickle.dumps(ipc.on_wire(message)))
+    assert type(wire) is tuple and type(wire[0]) is int  # no class travels, not even the enum's
+    got = []
+    assert ipc.dispatch({ipc.Kind.DONE: lambda *fields: got.append(ipc.Done(*fields))}, wire)
+    assert got == [message]
+    assert not ipc.dispatch({}, wire)  # a kind this side does not take: logged, not raised

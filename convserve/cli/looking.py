@@ -149,7 +149,7 @@ def _infer_args(p: argparse.ArgumentParser) -> None:
 def _infer(args: argparse.Namespace) -> int:
     from convserve.contract import PreprocessSpec
     from convserve.pictures import enlarge, grid, save_png
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     if args.top_k < 1 or args.batch_size < 1:
         raise UsageError("--top-k and --batch-size must be at least 1")

@@ -24,7 +24,7 @@ def connect(args: argparse.Namespace):
     import grpc
 
     from convserve.client import Client
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     client = Client(args.url, token=args.token, tls=client_tls(args))
     try:

@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     with connect(args) as client, rpc_errors():
         index = client.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)

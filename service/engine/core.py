@@ -23,8 +23,23 @@ from typing import Any, Optional
 
 import numpy as np
 
+from convserve.wire import DTYPES
+
 from ..errors import InvalidInput, ServingError, Unimplemented, status_of
-from ..ipc import DTYPES, Arena, BlockingLink, Message, receive_hello
+from ..ipc import (
+    Arena,
+    BlockingLink,
+    Done,
+    Failed,
+    Handlers,
+    Kind,
+    Message,
+    Models,
+    Refused,
+    Reply,
+    dispatch,
+    receive_hello,
+)
 from ..metrics import Metrics
 from ..settings import Settings
 from .batcher import Batcher, BatchResult, Job
@@ -46,7 +61,7 @@ def _into(destination: np.ndarray, value: np.ndarray) -> None:
     np.copyto(destination, value, casting="same_kind")
 
 
-class Frontend:
+class FrontendConnection:
     """One connected front-end: its link, its arena (mapped here too), its requests in progress.
 
     Its reader thread turns each message into work at once: an inference goes straight into its
@@ -62,40 +77,42 @@ class Frontend:
         self.seen = -1  # the last models table it applied
         self._outbox: list[Message] = []
         self._lock = threading.Lock()
+        # what a front-end sends (ipc.TO_ENGINE), each to the method taking its fields
+        self.handlers: Handlers = {
+            Kind.INFER: self._infer,
+            Kind.CANCEL: self._cancel,
+            Kind.STAT: self._stat,
+            Kind.CALL: lambda cid, method, args: self.engine.call_soon(self._call(cid, method, args)),
+            Kind.SEEN: self._seen,
+        }
 
     # ---- the reader thread -----------------------------------------------------------------------
 
     def read(self) -> None:
         """Until the front-end goes (in its own thread)."""
         for messages in self.link.messages():
-            for message in messages:
-                kind = message[0]
-                if kind == "infer":
-                    self._infer(*message[1:])
-                elif kind == "cancel":
-                    self._cancel(message[1])
-                elif kind == "stat":
-                    _, name, version, record = message
-                    model = self.engine.registry.served(name, version)
-                    if model is not None:
-                        model.stats.record_request(record)
-                elif kind == "call":
-                    self.engine.call_soon(self._call(message[1], message[2], message[3]))
-                elif kind == "seen":  # it routes by that table now
-                    self.seen = message[1]
-                    self.engine.table_seen()
-                else:
-                    log.error("%s sent an unknown message %r", self.name, kind)
+            for wire in messages:
+                dispatch(self.handlers, wire)
             self.flush()
 
-    def _infer(self, rid: int, name: str, version: int, source: tuple, shape: tuple, outputs: list, deadline) -> None:
+    def _stat(self, model: str, version: int, record: tuple) -> None:
+        served = self.engine.registry.served(model, version)
+        if served is not None:
+            served.stats.record_request(record)
+
+    def _seen(self, seq: int) -> None:
+        """It routes by models table `seq` now."""
+        self.seen = seq
+        self.engine.table_seen()
+
+    def _infer(self, rid: int, model: str, version: int, source: tuple, shape: tuple, outputs: list, deadline) -> None:
         try:
-            model = self.engine.registry.get(name, version)
+            served = self.engine.registry.get(model, version)
             inputs = self._source(source, shape)
-            writes = [(out, self._destination(model, out, dest, shape[0])) for out, dest in outputs]
+            writes = [(out, self._destination(served, out, dest, shape[0])) for out, dest in outputs]
             job = Job(inputs, frozenset(out for out, _ in outputs), deadline, sink=self, tag=rid)
             job.deliver = functools.partial(_deliver, writes)
-            batcher = model.batcher
+            batcher = served.batcher
             assert batcher is not None
             self.jobs[rid] = (job, batcher)
             batcher.put(job)
@@ -107,7 +124,7 @@ class Frontend:
         entry = self.jobs.get(rid)
         if entry is not None and entry[1].cancel(entry[0]):  # not started: it never will
             self.jobs.pop(rid, None)
-            self._post(("failed", rid, "CANCELLED", "cancelled", "", True))
+            self._post(Failed(rid, "CANCELLED", "cancelled", "", True))
 
     def _source(self, source: tuple, shape: tuple) -> np.ndarray:
         if source[0] == "arena":
@@ -147,9 +164,9 @@ class Frontend:
         assert isinstance(rid, int)
         self.jobs.pop(rid, None)
         if result is not None:
-            self._post(("done", rid, result.queue_ns, result.compute_ns, result.batch_size))
+            self._post(Done(rid, result.queue_ns, result.compute_ns, result.batch_size))
         elif error is None:
-            self._post(("failed", rid, "CANCELLED", "cancelled", "", True))
+            self._post(Failed(rid, "CANCELLED", "cancelled", "", True))
         else:
             self._answer(rid, error)
 
@@ -164,7 +181,7 @@ class Frontend:
             self._outbox.append(message)
 
     def _answer(self, rid: int, error: BaseException, queued: bool = True) -> None:
-        self._post(("failed", rid, *self._refusal(error, "a request"), queued))
+        self._post(Failed(rid, *self._refusal(error, "a request"), queued))
 
     def _refusal(self, error: BaseException, what: str) -> tuple[str, str, str]:
         """(status code name, message, limit) for an error; a bug is logged with its traceback."""
@@ -179,9 +196,9 @@ class Frontend:
         try:
             value = await self.engine.call(method, *args)
         except Exception as exc:
-            self.link.send([("refused", cid, *self._refusal(exc, method))])
+            self.link.send([Refused(cid, *self._refusal(exc, method))])
             return
-        self.link.send([("reply", cid, value)])
+        self.link.send([Reply(cid, value)])
 
     def detach(self) -> None:
         """The front-end went: drop what it queued (what runs finishes into the arena, then it goes)."""
@@ -200,7 +217,7 @@ class Engine:
         self.metrics.queue_capacity.set(settings.max_queue_size)
         self.registry = Registry(settings, self.metrics, on_change=self._models_changed)
         self.shm = SystemSharedMemory(max_regions=settings.max_shm_regions, any_owner=bool(settings.shm_any_owner))
-        self.frontends: set[Frontend] = set()
+        self.frontends: set[FrontendConnection] = set()
         self._background: set[asyncio.Future] = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.table: dict[str, Any] = {"served": [], "index": [], "pending": [], "failed": [], "seq": 0}
@@ -228,7 +245,7 @@ class Engine:
         front-end routes by it, so that a version about to be retired gets no more requests."""
         self.table = await self.models()
         for frontend in list(self.frontends):
-            frontend.link.send([("models", self.table)])
+            frontend.link.send([Models(self.table)])
         if settled:
             deadline = asyncio.get_running_loop().time() + 5.0
             while any(f.seen < self.table["seq"] for f in list(self.frontends)):
@@ -252,34 +269,40 @@ class Engine:
         self._loop.call_soon_threadsafe(self.in_background, work)
 
     async def call(self, method: str, *args) -> Any:
-        """The control calls front-ends forward; plain data in, plain data out."""
-        if method == "index":
-            return (await self.models())["index"]
-        if method == "load":  # the registry's change callback has built the new table by now
-            await self.registry.load(*args)
-            return self.table
-        if method == "unload":
-            await self.registry.unload(*args)
-            return self.table
-        if method == "statistics":
-            name, version = args
-            return [
-                {"name": m.name, "version": m.version, **vars(m.stats), "batches": dict(m.stats.batches)}
-                for m in self.registry.served_versions(name)
-                if version is None or m.version == version
-            ]
-        if method == "shm_register":
-            self.shm.register(*args)
-            return None
-        if method == "shm_status":
-            return [(r.name, r.key, r.offset, r.byte_size) for r in self.shm.status(*args)]
-        if method == "shm_unregister":
-            self.shm.unregister(*args)
-            return None
-        if method == "shm_read":  # an encoded image a client left in its region (bytes, not a tensor)
-            name, offset, byte_size, what = args
-            return self.shm.region(name, what).read(offset, byte_size, what)
-        raise Unimplemented(f"unknown engine call {method!r}")
+        """The control calls front-ends forward (ipc.Call's `method`); plain data in, plain data out."""
+        calls: dict[str, Callable[..., Any]] = {
+            "index": self._index,
+            "load": self._load,
+            "unload": self._unload,
+            "statistics": self._statistics,
+            "shm_register": self.shm.register,
+            "shm_status": lambda *name: [(r.name, r.key, r.offset, r.byte_size) for r in self.shm.status(*name)],
+            "shm_unregister": self.shm.unregister,
+            # an encoded image a client left in its region (bytes, not a tensor)
+            "shm_read": lambda name, offset, size, what: self.shm.region(name, what).read(offset, size, what),
+        }
+        if method not in calls:
+            raise Unimplemented(f"unknown engine call {method!r}")
+        answer = calls[method](*args)
+        return await answer if asyncio.iscoroutine(answer) else answer
+
+    async def _index(self) -> list:
+        return (await self.models())["index"]
+
+    async def _load(self, name: str) -> dict:
+        await self.registry.load(name)
+        return self.table  # the registry's change callback has built the new table by now
+
+    async def _unload(self, name: str) -> dict:
+        await self.registry.unload(name)
+        return self.table
+
+    def _statistics(self, name: str, version: Optional[int]) -> list[dict]:
+        return [
+            {"name": m.name, "version": m.version, **vars(m.stats), "batches": dict(m.stats.batches)}
+            for m in self.registry.served_versions(name)
+            if version is None or m.version == version
+        ]
 
     # ---- front-ends ------------------------------------------------------------------------------
 
@@ -297,10 +320,10 @@ class Engine:
             log.warning("a front-end's connection failed before its hello: %s", exc)
             conn.close()
             return
-        frontend = Frontend(self, BlockingLink(conn), arena, hello)
+        frontend = FrontendConnection(self, BlockingLink(conn), arena, hello)
         self.frontends.add(frontend)
         log.info("%s connected", frontend.name)
-        frontend.link.send([("models", self.table)])
+        frontend.link.send([Models(self.table)])
         loop, ended = asyncio.get_running_loop(), asyncio.Event()
 
         def read() -> None:  # a thread of its own: the default pool's few threads are for disk scans

@@ -21,13 +21,14 @@ from typing import Optional
 import numpy as np
 
 from convserve.contract import DEFAULT_OUTPUTS, INPUT_NAME
+from convserve.wire import serialize_bytes
 
 from ..errors import InvalidInput, QueueFull
 from ..ipc import ALIGN, Arena
 from .engine_link import EngineLink
 from .models import ModelTable, ServedModel
 from .observe import Outcome, Timings
-from .postprocess import serialize_bytes, to_wire, top_k
+from .postprocess import to_wire, top_k
 from .preprocess import ImageDecodeError, decode_all, open_checked
 from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 

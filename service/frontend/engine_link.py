@@ -16,8 +16,8 @@ import socket
 from collections.abc import Callable
 from typing import Any, Optional
 
-from ..errors import EngineUnavailable, Remote
-from ..ipc import Arena, Link, Message, send_hello
+from ..errors import EngineRefusal, EngineUnavailable
+from ..ipc import Arena, Call, Cancel, Handlers, Infer, Kind, Link, Seen, Stat, send_hello
 
 log = logging.getLogger("convserve.frontend")
 
@@ -48,6 +48,14 @@ class EngineLink:
         self._task: Optional[asyncio.Task] = None
         self._pending_link: Optional[Link] = None  # connected, its first table not yet read
         self._closing = False
+        # what the engine sends (ipc.TO_FRONTEND), each to the method taking its fields
+        self.handlers: Handlers = {
+            Kind.DONE: self._done,
+            Kind.FAILED: self._failed,
+            Kind.REPLY: self._reply,
+            Kind.REFUSED: self._refused,
+            Kind.MODELS: self._models,
+        }
 
     @property
     def connected(self) -> bool:
@@ -68,24 +76,24 @@ class EngineLink:
 
     # ---- what the data plane and the servicer call ---------------------------------------------------
 
-    def infer(self, block: Optional[int], *message: Any) -> tuple[int, asyncio.Future]:
-        """Send ("infer", rid, *message); the future resolves to (queue_ns, compute_ns, batch_size)."""
+    def infer(self, block: Optional[int], *fields: Any) -> tuple[int, asyncio.Future]:
+        """Send Infer(rid, *fields); the future resolves to (queue_ns, compute_ns, batch_size)."""
         link = self._require()
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._requests[rid] = (future, block)
-        link.send(("infer", rid, *message))
+        link.send(Infer(rid, *fields))
         return rid, future
 
     def cancel(self, rid: int) -> None:
         """The client went: the engine drops the request if it has not started; its block is freed on the answer."""
         entry = self._requests.get(rid)
         if entry is not None and self._link is not None:
-            self._link.send(("cancel", rid))
+            self._link.send(Cancel(rid))
 
     def stat(self, model: str, version: int, record: tuple) -> None:
         if self._link is not None:
-            self._link.send(("stat", model, version, record))
+            self._link.send(Stat(model, version, record))
 
     async def call(self, method: str, *args: Any) -> Any:
         """A control call answered by the engine (index, load, statistics, shared memory ...)."""
@@ -93,7 +101,7 @@ class EngineLink:
         cid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[cid] = future
-        link.send(("call", cid, method, args))
+        link.send(Call(cid, method, args))
         try:
             return await future
         finally:
@@ -125,7 +133,7 @@ class EngineLink:
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             link = Link(reader, writer)
-            served = loop.create_task(link.serve(self._dispatch))
+            served = loop.create_task(link.serve(self.handlers))
             self._pending_link = link
             try:
                 await served
@@ -156,34 +164,45 @@ class EngineLink:
         if block is not None:
             self.arena.free(block)
 
-    def _dispatch(self, message: Message) -> None:
-        kind = message[0]
-        if kind == "done" or kind == "failed":
-            entry = self._requests.pop(message[1], None)
-            if entry is None:
-                return
-            future, block = entry
-            if future.done():  # cancelled by its client
-                self._free(block)
-            elif kind == "done":
-                future.set_result(message[2:])
-            else:
-                future.set_exception(Remote(*message[2:]))
-        elif kind == "reply" or kind == "refused":
-            call = self._calls.get(message[1])
-            if call is not None and not call.done():
-                if kind == "reply":
-                    call.set_result(message[2])
-                else:
-                    call.set_exception(Remote(*message[2:]))
-        elif kind == "models":
-            self._on_models(message[1])
-            if self._link is None:  # the first table: connected
-                self._link = self._pending_link
-                self._connected.set()
-                log.info("front-end %d connected to the engine", self.index)
-                self._on_connected(True)
-            if self._link is not None:  # from now on requests go by this table: the engine may retire
-                self._link.send(("seen", message[1]["seq"]))
-        else:
-            log.error("the engine sent an unknown message %r", kind)
+    # ---- what the engine sends (ipc's messages, by kind) ---------------------------------------------
+
+    def _answered(self, rid: int) -> Optional[asyncio.Future]:
+        """The future of a request still waited on; None when its client went (its block freed here)."""
+        entry = self._requests.pop(rid, None)
+        if entry is None:
+            return None
+        future, block = entry
+        if future.done():  # cancelled by its client
+            self._free(block)
+            return None
+        return future
+
+    def _done(self, rid: int, queue_ns: int, compute_ns: int, batch_size: int) -> None:
+        future = self._answered(rid)
+        if future is not None:
+            future.set_result((queue_ns, compute_ns, batch_size))
+
+    def _failed(self, rid: int, code: str, message: str, limit: str, queued: bool) -> None:
+        future = self._answered(rid)
+        if future is not None:
+            future.set_exception(EngineRefusal(code, message, limit, queued))
+
+    def _reply(self, cid: int, value: Any) -> None:
+        call = self._calls.get(cid)
+        if call is not None and not call.done():
+            call.set_result(value)
+
+    def _refused(self, cid: int, code: str, message: str, limit: str) -> None:
+        call = self._calls.get(cid)
+        if call is not None and not call.done():
+            call.set_exception(EngineRefusal(code, message, limit))
+
+    def _models(self, table: dict[str, Any]) -> None:
+        self._on_models(table)
+        if self._link is None:  # the first table: connected
+            self._link = self._pending_link
+            self._connected.set()
+            log.info("front-end %d connected to the engine", self.index)
+            self._on_connected(True)
+        if self._link is not None:  # from now on requests go by this table: the engine may retire
+            self._link.send(Seen(table["seq"]))

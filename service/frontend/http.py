@@ -30,14 +30,13 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from convserve.contract import PreprocessSpec
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import introspection_pb2 as ipb
+from convserve.wire import DTYPES, SHM_REGION, deserialize_bytes, serialize_bytes
 
-from ..errors import InvalidInput, ServingError, status_of
-from ..ipc import DTYPES
-from ..proto import grpc_service_pb2 as pb
-from ..proto import introspection_pb2 as ipb
+from ..errors import INTERNAL_MESSAGE, InvalidInput, ServingError, status_of
 from .introspection import IntrospectionServicer
 from .observe import Outcome
-from .postprocess import deserialize_bytes, serialize_bytes, wire_dtype
 from .preprocess import ImageDecodeError, ImageLimits, decode_image
 from .protocol import InferResult
 from .servicer import InferenceServicer
@@ -189,7 +188,7 @@ def infer_request(name: str, version: str, header: dict, binary: memoryview) -> 
         size = parameters.pop("binary_data_size", None)
         for key, value in parameters.items():
             _set_parameter(message.parameters[key], value, f"input {message.name!r}")
-        if "shared_memory_region" in parameters:
+        if SHM_REGION in parameters:
             request.raw_input_contents.append(b"")  # its bytes are in the region
         elif size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -198,7 +197,7 @@ def infer_request(name: str, version: str, header: dict, binary: memoryview) -> 
             offset += size
         else:
             request.raw_input_contents.append(_tensor_bytes(tensor, datatype))
-    if any("shared_memory_region" in (t.get("parameters") or {}) for t in header["inputs"]):
+    if any(SHM_REGION in (t.get("parameters") or {}) for t in header["inputs"]):
         del request.raw_input_contents[:]  # as gRPC clients send it: no raw contents with a region
     for output in header.get("outputs") or []:
         if not isinstance(output, dict):
@@ -261,7 +260,7 @@ def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
         elif tensor.datatype == "BYTES":
             entry["data"] = [item.decode("utf-8", "replace") for item in deserialize_bytes(tensor.data)]
         else:
-            entry["data"] = np.frombuffer(tensor.data, dtype=wire_dtype(tensor.datatype)).tolist()
+            entry["data"] = np.frombuffer(tensor.data, dtype=DTYPES[tensor.datatype]).tolist()
         if parameters:
             entry["parameters"] = parameters
         outputs.append(entry)
@@ -406,7 +405,7 @@ class HttpFrontDoor:
             return _error(*status_of(exc))
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path[:200])
-            return _error(grpc.StatusCode.INTERNAL, "internal error: the server logged the details")
+            return _error(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     def _health(self, method, message, field: str):
         async def handle(request: web.Request) -> web.Response:

@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 
 from convserve.contract import FILTERS_FILE, MODEL_FILE
+from convserve.proto import introspection_pb2 as ipb
+from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
 from ..errors import FailedPrecondition, NotFound
-from ..proto import introspection_pb2 as ipb
-from ..proto import introspection_pb2_grpc as ipb_grpc
 from .models import ModelTable
 from .observe import Recorder
 from .servicer import rpc

@@ -1,13 +1,11 @@
-"""Output tensors as a client asked for them: top-k classification strings, FP16 feature maps,
-and the V2 wire encoding of BYTES tensors."""
+"""Output tensors as a client asked for them: top-k classification strings, FP16 feature maps
+(the wire's own rules, BYTES framing and dtypes, are convserve.wire's)."""
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
-from ..ipc import DTYPES
+from convserve.wire import DTYPES
 
 
 def top_k(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
@@ -25,43 +23,9 @@ def top_k(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     return out
 
 
-def serialize_bytes(elements) -> bytes:
-    """BYTES tensor elements (row-major) -> each behind its 4-byte little-endian length."""
-    parts = []
-    for element in elements:
-        data = element if isinstance(element, bytes) else str(element).encode()
-        parts.append(struct.pack("<I", len(data)))
-        parts.append(data)
-    return b"".join(parts)
-
-
-def deserialize_bytes(raw: bytes | memoryview, most: int | None = None) -> list[bytes]:
-    """The inverse of serialize_bytes; raises ValueError on a truncated buffer, or past `most` elements
-    (so a buffer of millions of empty elements costs no more than `most` of them)."""
-    out: list[bytes] = []
-    offset, view = 0, memoryview(raw)
-    while offset < len(raw):
-        if most is not None and len(out) == most:
-            raise ValueError(f"BYTES contents hold more than {most} elements")
-        if offset + 4 > len(raw):
-            raise ValueError("BYTES contents end inside a 4-byte length")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise ValueError("BYTES contents end inside an element")
-        out.append(bytes(view[offset : offset + length]))
-        offset += length
-    return out
-
-
-def wire_dtype(datatype: str) -> str:
-    """numpy's little-endian dtype for an output datatype (FP32 or FP16)."""
-    return DTYPES[datatype]
-
-
 def to_wire(array: np.ndarray, datatype: str) -> bytes:
     """A numeric output as little-endian row-major bytes in `datatype` (FP32 or FP16)."""
-    dtype = wire_dtype(datatype)
+    dtype = DTYPES[datatype]
     if array.dtype != np.dtype(dtype):
         array = array.astype(dtype)
     return array.tobytes()

@@ -13,22 +13,11 @@ from typing import Optional
 import numpy as np
 
 from convserve.contract import IMAGE_INPUT_NAME, INPUT_NAME
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.wire import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION, ShmRef, deserialize_bytes
 
 from ..errors import InvalidInput, ModelNotFound
-from ..proto import grpc_service_pb2 as pb
 from ..rules import check_batch_size
-from .postprocess import deserialize_bytes
-
-_DTYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "UINT8": "u1"}
-
-
-@dataclass(frozen=True)
-class ShmRef:
-    """Where a tensor's bytes lie in a registered system shared-memory region."""
-
-    region: str
-    byte_size: int
-    offset: int = 0
 
 
 @dataclass
@@ -84,18 +73,18 @@ def _param_value(param: pb.InferParameter):
 
 def _shm_ref(parameters, what: str) -> Optional[ShmRef]:
     """The shared_memory_* parameters of an input or a requested output, checked; None without them."""
-    if "shared_memory_region" not in parameters:
+    if SHM_REGION not in parameters:
         return None
-    region = _param_value(parameters["shared_memory_region"])
+    region = _param_value(parameters[SHM_REGION])
     if not isinstance(region, str) or not region:
         raise InvalidInput(f"{what}: shared_memory_region must be a region name")
     numbers = {}
-    for key in ("shared_memory_byte_size", "shared_memory_offset"):
+    for key in (SHM_BYTE_SIZE, SHM_OFFSET):
         value = _param_value(parameters[key]) if key in parameters else (None if key.endswith("size") else 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInput(f"{what}: {key} must be a non-negative integer")
         numbers[key] = value
-    return ShmRef(region, numbers["shared_memory_byte_size"], numbers["shared_memory_offset"])
+    return ShmRef(region, numbers[SHM_BYTE_SIZE], numbers[SHM_OFFSET])
 
 
 def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | None = None) -> InferRequest:
@@ -230,9 +219,9 @@ def build_infer_response(
     for tensor in result.outputs:
         out = response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         if tensor.shm is not None:  # as Triton: the region is named back, the contents entry stays empty
-            out.parameters["shared_memory_region"].string_param = tensor.shm.region
-            out.parameters["shared_memory_byte_size"].int64_param = tensor.shm.byte_size
-            out.parameters["shared_memory_offset"].int64_param = tensor.shm.offset
+            out.parameters[SHM_REGION].string_param = tensor.shm.region
+            out.parameters[SHM_BYTE_SIZE].int64_param = tensor.shm.byte_size
+            out.parameters[SHM_OFFSET].int64_param = tensor.shm.offset
         if with_contents:
             # one entry per output, empty for shared memory, so clients find each output's bytes by index
             response.raw_output_contents.append(tensor.data)
@@ -270,17 +259,3 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-def output_array(response: pb.ModelInferResponse, name: str) -> np.ndarray:
-    """A numeric output of a response as an array (for clients and tests)."""
-    for index, tensor in enumerate(response.outputs):
-        if tensor.name == name:
-            if tensor.datatype == "BYTES":
-                return np.array(deserialize_bytes(response.raw_output_contents[index]), dtype=object).reshape(
-                    tuple(tensor.shape)
-                )
-            return np.frombuffer(response.raw_output_contents[index], dtype=_DTYPES[tensor.datatype]).reshape(
-                tuple(tensor.shape)
-            )
-    raise KeyError(name)

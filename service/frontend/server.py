@@ -24,14 +24,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from convserve.cpus import available_cpus
+from convserve.proto import POOL
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import introspection_pb2 as ipb
+from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
 from ..errors import StartupError, port_in_use
 from ..ipc import Arena
 from ..metrics import Metrics
-from ..proto import POOL
-from ..proto import grpc_service_pb2 as pb
-from ..proto import introspection_pb2 as ipb
-from ..proto import introspection_pb2_grpc as ipb_grpc
 from ..settings import Settings
 from .auth import AuthInterceptor
 from .dataplane import DataPlane

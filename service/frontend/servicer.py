@@ -22,6 +22,9 @@ import grpc
 
 from convserve import __version__
 from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME, PLATFORM
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import model_config_pb2 as mc
 
 from ..errors import (
     InvalidInput,
@@ -33,9 +36,6 @@ from ..errors import (
     Unimplemented,
     status_of,
 )
-from ..proto import grpc_service_pb2 as pb
-from ..proto import grpc_service_pb2_grpc as pb_grpc
-from ..proto import model_config_pb2 as mc
 from ..rules import check_model_name
 from ..settings import Settings
 from .dataplane import DataPlane

@@ -112,7 +112,7 @@ def own_repository(trained, tmp_path):
 
 def repository_index(client) -> dict:
     """(name, version) -> (state, reason), from RepositoryIndex."""
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     return {
         (m.name, m.version): (m.state, m.reason)

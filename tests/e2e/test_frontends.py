@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from convserve.client import build_request
-from convserve.service.frontend.protocol import ShmRef
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.wire import ShmRef
 
 from .conftest import RunningServer
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convserve.client import Client, build_request
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
 from .conftest import RunningServer
 

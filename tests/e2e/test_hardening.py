@@ -18,8 +18,8 @@ from PIL import Image
 
 from convserve.client import Client, build_request
 from convserve.models.export import export_checkpoint
-from convserve.service.frontend.postprocess import serialize_bytes
-from convserve.service.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.wire import serialize_bytes
 
 from .conftest import RunningServer, repository_index
 

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
 from .conftest import RunningServer
 

@@ -12,7 +12,7 @@ import pytest
 
 from convserve.client import Client, build_request
 from convserve.models.export import export_checkpoint
-from convserve.service.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2 as pb
 
 from .conftest import RunningServer, repository_index
 

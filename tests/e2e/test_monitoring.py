@@ -17,8 +17,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client import Client
+from convserve.proto import grpc_service_pb2 as pb
 from convserve.service.gpu_metrics import NAMES as GPU_NAMES
-from convserve.service.proto import grpc_service_pb2 as pb
 
 from ..test_deploy import render_nginx
 from .conftest import RunningServer, free_port

@@ -17,9 +17,9 @@ from PIL import Image
 
 from convserve.client import Client, build_request
 from convserve.models.data import digits_as_uint8, seeded_split
-from convserve.service.proto import grpc_service_pb2 as pb
-from convserve.service.proto import introspection_pb2 as ipb
-from convserve.service.proto import introspection_pb2_grpc as ipb_grpc
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import introspection_pb2 as ipb
+from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
 FEATURE_MAPS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -303,4 +303,5 @@ def test_models_and_describe_commands(server):
     assert described.returncode == 0, described.stderr
     assert "conv5" in described.stdout and "fc layers" in described.stdout and "dataset=digits" in described.stdout
     missing = convserve("describe", "nope")
-    assert missing.returncode == 2 and missing.stderr.strip().startswith("convserve: error: NOT_FOUND")
+    assert missing.returncode == 2
+    assert missing.stderr == "convserve: error: unknown model 'nope'; the server has: digits\n", missing.stderr

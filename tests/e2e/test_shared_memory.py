@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as triton
 
 from convserve.client import build_request
-from convserve.service.frontend.protocol import ShmRef
-from convserve.service.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.wire import ShmRef
 
 shm = pytest.importorskip("tritonclient.utils.shared_memory", reason="needs setuptools<81 (pkg_resources)")
 

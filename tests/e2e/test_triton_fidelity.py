@@ -69,7 +69,7 @@ def test_health_answers_for_triton_service_name(server):
 
 
 def _statistics(client):
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     (entry,) = client.stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"), timeout=10).model_stats
     return entry
@@ -163,7 +163,7 @@ def test_metadata_and_config_describe_what_requests_may_carry(server, own_reposi
 def test_failures_count_where_triton_counts_them_and_unloading_the_unknown_is_ok(server):
     """Side by side with tritonserver 2.51: a bad-shape request leaves fail.count unchanged (it never
     reached the model), and RepositoryModelUnload of a model nobody has answers OK."""
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     with Client(server.url) as client:
         before = _statistics(client).inference_stats.fail.count
@@ -179,7 +179,7 @@ def test_failures_count_where_triton_counts_them_and_unloading_the_unknown_is_ok
 
 def test_codes_for_unknown_and_empty_names_and_versions_are_tritons(server):
     """Each as tritonserver 2.51 answered it in the differential run (issue 17)."""
-    from convserve.service.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2 as pb
 
     with Client(server.url) as client:
         stub = client.stub

@@ -10,12 +10,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from convserve.cpus import available_cpus
+from convserve.proto import grpc_service_pb2 as pb
 from convserve.service.engine.stats import VersionStats
 from convserve.service.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidInput
 from convserve.service.frontend.observe import Outcome, Recorder, Timings
 from convserve.service.frontend.servicer import InferenceServicer, ServerState, rpc
 from convserve.service.metrics import Metrics
-from convserve.service.proto import grpc_service_pb2 as pb
 from convserve.service.settings import Settings
 
 

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMITTED = os.path.join(ROOT, "service", "proto")
+COMMITTED = os.path.join(ROOT, "convserve", "proto")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
@@ -56,7 +56,7 @@ def test_generated_modules_match_the_protos(generated):
     assert _modules(generated) == _modules(COMMITTED)
     for name in _modules(COMMITTED):
         fresh, old = _read(generated, name), _read(COMMITTED, name)
-        stale = f"service/proto/{name} is stale: run `make protos`"
+        stale = f"convserve/proto/{name} is stale: run `make protos`"
         if name.endswith("_pb2.py"):
             assert _descriptor(fresh) == _descriptor(old), stale
         elif name.endswith("_grpc.py"):
@@ -112,8 +112,8 @@ def test_wire_compatible_with_tritonclient():
     from tritonclient.grpc import model_config_pb2 as triton_mc
     from tritonclient.grpc import service_pb2 as triton_pb
 
-    from convserve.service.proto import grpc_service_pb2 as ours
-    from convserve.service.proto import model_config_pb2 as ours_mc
+    from convserve.proto import grpc_service_pb2 as ours
+    from convserve.proto import model_config_pb2 as ours_mc
 
     assert ours.DESCRIPTOR.package == triton_pb.DESCRIPTOR.package == "inference"
     our_service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]

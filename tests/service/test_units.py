@@ -12,9 +12,10 @@ from convserve.client import build_request
 from convserve.contract import PreprocessSpec
 from convserve.service import settings as settings_module
 from convserve.service.errors import InvalidInput, ModelNotFound
-from convserve.service.frontend.postprocess import deserialize_bytes, serialize_bytes, top_k
+from convserve.service.frontend.postprocess import top_k
 from convserve.service.frontend.preprocess import ImageDecodeError, decode_image, preprocess_encoded
 from convserve.service.frontend.protocol import parse_infer_request
+from convserve.wire import deserialize_bytes, serialize_bytes
 
 
 def test_settings_flags_over_environment_over_defaults():
@@ -172,6 +173,7 @@ def test_limits_are_derived_from_the_model_unless_set():
 
 
 def test_the_hand_encoded_answer_is_the_protobuf_answer():
+    from convserve.proto import grpc_service_pb2 as pb
     from convserve.service.frontend.protocol import (
         InferRequest,
         InferResult,
@@ -180,7 +182,6 @@ def test_the_hand_encoded_answer_is_the_protobuf_answer():
         build_infer_response,
         encode_infer_response,
     )
-    from convserve.service.proto import grpc_service_pb2 as pb
 
     big = np.arange(70_000, dtype="<f4").tobytes()  # a length that takes a three-byte varint
     result = InferResult(
