@@ -44,7 +44,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -61,6 +60,7 @@ import numpy as np
 
 from convserve.client import build_request, channel_options, wait_until_ready
 from convserve.contract import DEFAULT_OUTPUTS, MODEL_FILE, ModelCard, normalize, version_dir, versions
+from convserve.ports import free_port
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.engine.runtime import ModelRuntime
@@ -101,12 +101,6 @@ class Limit:
     batch1_p50_ms: float
     images_per_s_by_batch: dict[int, float]
     best_cpu_ms_per_image: float = 0.0  # process CPU time per image at the best batch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def in_process_limit(runtime: ModelRuntime, x: np.ndarray, outputs: list[str], max_batch: int, seconds: float) -> Limit:
@@ -389,7 +383,7 @@ def run(
         pa_data[case] = pa_data["input"]
     rows = []
     for frontends in frontends_list:
-        port, http_port = _free_port(), _free_port()
+        port, http_port = free_port(), free_port()
         url = f"127.0.0.1:{port}"
         started = time.perf_counter()
         server = _start_server(

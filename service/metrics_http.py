@@ -10,7 +10,6 @@ runs off the loop, one scrape at a time.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 from typing import Any, Optional
@@ -18,6 +17,8 @@ from typing import Any, Optional
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
+
+from .rules import BearerToken
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class MetricsEndpoint:
         self.idle_timeout = idle_timeout
         self.connections = 0  # open now (touched only on the endpoint's loop)
         self.refused = 0  # connections closed at once because `max_connections` were open
-        self._expected = f"Bearer {token}".encode() if token else b""
+        self._token = BearerToken(token)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._error: Optional[BaseException] = None
@@ -141,9 +142,7 @@ class MetricsEndpoint:
             await runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        if self._expected and not hmac.compare_digest(
-            request.headers.get("Authorization", "").encode(), self._expected
-        ):
+        if not self._token.admits(request.headers.get("Authorization")):
             return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
         async with self._scrape:  # reading every process's files: one scrape at a time, off the loop
             body = await asyncio.to_thread(generate_latest, self.registry)

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from convserve.ports import free_port
+
 from .errors import StartupError, port_in_use
 from .settings import Settings
 
@@ -39,12 +41,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _START_TIMEOUT = 600.0  # seconds for the engine to load the repository (a big model on a cold GPU)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host if host != "0.0.0.0" else "", 0))
-        return sock.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -110,7 +106,7 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.count = settings.frontend_count()
-        self.port = settings.grpc_port or _free_port(settings.host)
+        self.port = settings.grpc_port or free_port(settings.host)
         root = tempfile.gettempdir()
         clean_stale_runs(root)
         self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=root)

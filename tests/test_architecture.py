@@ -93,7 +93,14 @@ def test_the_halves_meet_only_at_the_contract():
             assert not reaches(module, "convserve.models") and not reaches(module, "convserve.cli"), module
         if module.startswith("convserve.models"):
             assert not reaches(module, "convserve.service") and not reaches(module, "convserve.cli"), module
-    for leaf in ("convserve.contract", "convserve.wire", "convserve.cpus", "convserve.cli.base", "convserve"):
+    for leaf in (
+        "convserve.contract",
+        "convserve.wire",
+        "convserve.ports",
+        "convserve.cpus",
+        "convserve.cli.base",
+        "convserve",
+    ):
         assert not edges[leaf], f"{leaf} imports {edges[leaf]}"
     # both halves do use the contract
     assert reaches("convserve.service.engine.registry", "convserve.contract")

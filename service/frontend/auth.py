@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import hmac
-
 import grpc
 
+from ..rules import BearerToken
 from .observe import Outcome, Recorder
 
 _HANDLER_KINDS = {
@@ -19,7 +18,7 @@ _HANDLER_KINDS = {
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, recorder: Recorder) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = BearerToken(token)
         self._recorder = recorder
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -27,7 +26,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if method_path.startswith("/grpc.health.v1.Health/"):
             return await continuation(handler_call_details)  # probes carry no credentials
         presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(presented.encode() if isinstance(presented, str) else presented, self._expected):
+        if self._token.admits(presented):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from convserve.proto import introspection_pb2 as ipb
 from convserve.wire import DTYPES, SHM_REGION, deserialize_bytes, serialize_bytes
 
 from ..errors import INTERNAL_MESSAGE, InvalidInput, ServingError, status_of
+from ..rules import BearerToken
 from .introspection import IntrospectionServicer
 from .observe import Outcome
 from .preprocess import ImageDecodeError, ImageLimits, decode_image
@@ -284,7 +284,7 @@ class HttpFrontDoor:
         self.servicer = servicer
         self.introspection = introspection
         self.max_body_bytes = max_body_bytes
-        self._expected = f"Bearer {token}".encode() if token else b""
+        self._token = BearerToken(token)
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
@@ -387,8 +387,7 @@ class HttpFrontDoor:
         """The token (health needs none, as over gRPC), and no traceback ever reaches a client."""
         # health, as over gRPC, and the page's own files (it asks for the token itself) need none
         open_path = request.path.startswith(("/v2/health/", "/static/")) or request.path == "/"
-        guarded = self._expected and not open_path
-        if guarded and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), self._expected):
+        if not open_path and not self._token.admits(request.headers.get("Authorization")):
             self.servicer.recorder.record(Outcome("HTTP", code=grpc.StatusCode.UNAUTHENTICATED))
             return web.json_response(
                 {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}

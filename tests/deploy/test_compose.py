@@ -13,17 +13,17 @@ build/deploy-report.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
+
+from convserve.ports import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPORT = os.path.join(ROOT, "build", "deploy-report.json")
@@ -57,23 +57,13 @@ def _run(*command: str, timeout: float = 600, env=None, check: bool = True) -> s
     return result
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: all held open at once while picked (one at a time, the kernel may
-    hand out the same port twice: it did, and the load balancer could not publish its port)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 class Stack:
     """One compose project on free ports, driven with docker-compose."""
 
     def __init__(self, docker: str, base: str) -> None:
         self.docker = docker
         self.project = f"convservetest{os.getpid()}"
-        self.http_port, self.grpc_port, self.prometheus_port, grafana_port = _free_ports(4)
+        self.http_port, self.grpc_port, self.prometheus_port, grafana_port = free_ports(4)
         self.env = {
             "CONVSERVE_BASE": base,
             "CONVSERVE_PUBLISH_ADDRESS": "127.0.0.1",  # nothing of the test's stack beyond this machine

@@ -3,19 +3,15 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from convserve.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["ROOT", "RunningServer", "free_port"]  # the tests import free_port from here too
 
 
 class RunningServer:

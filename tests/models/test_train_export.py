@@ -20,6 +20,7 @@ from convserve.models.export import ExportError, check_parity, export_checkpoint
 from convserve.models.repository import write_version
 from convserve.models.train import lr_factor, train
 from convserve.models.zoo import get_model
+from convserve.ports import free_port
 from convserve.service.frontend.preprocess import preprocess_encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -192,14 +193,6 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(100, 100, 10) == pytest.approx(0.0)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_run_matches_one_process(trained, tmp_path):
     single, _ = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -211,7 +204,7 @@ def test_two_process_gloo_run_matches_one_process(trained, tmp_path):
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "convserve",
             "train",

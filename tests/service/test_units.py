@@ -212,3 +212,13 @@ def test_both_inputs_the_tensor_is_used_and_the_batches_must_agree():
     request.inputs[1].name = "input"  # two of one kind is not two alternatives
     with pytest.raises(InvalidInput, match="or both"):
         parse_infer_request(request)
+
+
+def test_one_bearer_token_rule_for_every_door():
+    from convserve.service.rules import BearerToken
+
+    token = BearerToken("s3cret")
+    assert token.required and token.admits("Bearer s3cret") and token.admits(b"Bearer s3cret")
+    assert not token.admits("Bearer other") and not token.admits(None) and not token.admits("s3cret")
+    anyone = BearerToken("")
+    assert not anyone.required and anyone.admits(None) and anyone.admits("Bearer whatever")
