@@ -58,6 +58,10 @@ def test_ps_names_the_supervisor_the_engine_and_each_front_end(served_repository
 
     server = RunningServer(served_repository, "--frontends", "2")
     try:
+        # ready answers once front-end 0 listens; the serving lines come once every front-end does
+        deadline = time.monotonic() + 60
+        while "convserve: the page" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
         supervisor = server.process.pid
         # multiprocessing's own resource tracker (its semaphores) keeps its Python command line
         titles = sorted(t for t in map(_title, _children(supervisor)) if "resource_tracker" not in t)
