@@ -515,7 +515,7 @@ class HttpFrontDoor:
         outcome = Outcome("ModelInfer", name)
         try:
             with servicer.recorder.observe(outcome):  # no deadline over HTTP (its `timeout` parameter counts)
-                _, result = await servicer._run(message, outcome, None)
+                _, result = await servicer.parse_and_infer(message, outcome, None)
         except Exception as exc:  # recorded (and if a bug, logged) by observe
             return _error(*status_of(exc))
         data, json_length = infer_response(header, result)

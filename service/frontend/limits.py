@@ -51,7 +51,7 @@ class MessageLimits:
     send: int
 
 
-def needed(card: ModelCard, settings: Settings) -> MessageLimits:
+def largest_messages(card: ModelCard, settings: Settings) -> MessageLimits:
     """What the largest valid request and response of one model version take on the wire."""
     batch = settings.max_batch_size
     tensor = 4 * int(np.prod(card.preprocess.input_shape))
@@ -65,7 +65,7 @@ def message_limits(cards: Iterable[ModelCard], settings: Settings) -> MessageLim
     least what a server with no models yet needs for a digits-sized model: 1 MiB)."""
     receive = send = 1024 * 1024
     for card in cards:
-        need = needed(card, settings)
+        need = largest_messages(card, settings)
         receive, send = max(receive, need.receive), max(send, need.send)
     return MessageLimits(settings.max_message_bytes or receive, settings.max_message_bytes or send)
 

@@ -39,7 +39,7 @@ from .engine_link import EngineLink
 from .health import NOT_SERVING, SERVING, Health
 from .http import HttpFrontDoor
 from .introspection import IntrospectionServicer
-from .limits import cards_on_disk, message_limits, needed
+from .limits import cards_on_disk, largest_messages, message_limits
 from .models import ModelTable
 from .observe import Recorder
 from .preprocess import blank_png, preprocess_encoded
@@ -97,7 +97,7 @@ class Frontend:
                 continue
             # decode one image: loads PIL's codecs before a client waits
             preprocess_encoded([blank_png(model.spec)], model.spec)
-            need = needed(model.card, self.settings)
+            need = largest_messages(model.card, self.settings)
             if need.receive > self.limits.receive or need.send > self.limits.send:
                 log.warning(
                     "model %s version %s: its largest request or response (%d / %d bytes) exceeds the server's "

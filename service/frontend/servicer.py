@@ -374,23 +374,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------------
 
-    async def _run(
+    async def parse_and_infer(
         self, request: pb.ModelInferRequest, outcome: Outcome, deadline: Optional[float]
     ) -> tuple[InferRequest, InferResult]:
+        """Refused while stopping; the message parsed and checked, then run by the data plane."""
         if self.server_state() is ServerState.STOPPING:
             raise ShuttingDown("the server is shutting down")
         parsed = parse_infer_request(request, self.settings.max_batch_size)
         return parsed, await self.dataplane.infer(parsed, outcome, deadline)
 
-    async def _infer(
+    async def infer_message(
         self, request: pb.ModelInferRequest, outcome: Outcome, deadline: Optional[float]
     ) -> pb.ModelInferResponse:
-        return build_infer_response(*await self._run(request, outcome, deadline))
+        return build_infer_response(*await self.parse_and_infer(request, outcome, deadline))
 
     @rpc
     async def ModelInfer(self, request, context, outcome):
         # the wire bytes themselves (registered with `serialize_response`: see add_to_server)
-        return encode_infer_response(*await self._run(request, outcome, deadline_of(context)))
+        return encode_infer_response(*await self.parse_and_infer(request, outcome, deadline_of(context)))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -414,7 +415,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outcome = Outcome("ModelStreamInfer", request.model_name)
             try:
                 with self.recorder.observe(outcome):
-                    response = await self._infer(request, outcome, deadline_of(context))
+                    response = await self.infer_message(request, outcome, deadline_of(context))
                 return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:  # recorded (and, if a bug, logged) by observe
                 _, message = status_of(exc)

@@ -150,7 +150,7 @@ def _card(c, h, w, outputs):
 
 
 def test_limits_are_derived_from_the_model_unless_set():
-    from convserve.service.frontend.limits import image_limits, message_limits, needed
+    from convserve.service.frontend.limits import image_limits, largest_messages, message_limits
 
     digits = _card(1, 8, 8, {"logits": (10,), "probabilities": (10,), "conv1": (16, 8, 8)})
     alexnet = _card(3, 224, 224, {"logits": (1000,), "probabilities": (1000,), "conv1": (64, 55, 55)})
@@ -161,10 +161,10 @@ def test_limits_are_derived_from_the_model_unless_set():
     assert small.formats == ("PNG", "JPEG")
     # a full batch of FP32 input (twice, for margin) or two of the largest images; a full batch of every output
     batch = 4 * 3 * 224 * 224 * 32
-    assert needed(alexnet, s).receive == max(2 * batch, 2 * large.max_bytes) + 64 * 1024
-    assert needed(alexnet, s).send == 32 * 4 * (1000 + 1000 + 64 * 55 * 55) + 64 * 1024
+    assert largest_messages(alexnet, s).receive == max(2 * batch, 2 * large.max_bytes) + 64 * 1024
+    assert largest_messages(alexnet, s).send == 32 * 4 * (1000 + 1000 + 64 * 55 * 55) + 64 * 1024
     both = message_limits([digits, alexnet], s)
-    assert both.receive == needed(alexnet, s).receive < 64 * 1024 * 1024  # not 256 MB
+    assert both.receive == largest_messages(alexnet, s).receive < 64 * 1024 * 1024  # not 256 MB
     assert message_limits([digits], s).receive < 8 * 1024 * 1024
     assert message_limits([], s).receive == 1024 * 1024
     chosen = settings_module.Settings(max_image_pixels=500, max_image_bytes=7, max_message_bytes=99)
