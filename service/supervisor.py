@@ -102,6 +102,28 @@ def _frontend_target(settings: Settings, socket_path: str, port: int, index: int
     main(settings, socket_path, port, index, count, ready)
 
 
+def serving_lines(s: Settings, port: int, frontends: int, versions: int) -> str:
+    """What a person starting the server needs: where each door is, the page's address, and a
+    warning when anyone on the network may use it."""
+    doors = [f"gRPC {s.host}:{port}"]
+    if s.http_port:
+        doors.append(f"HTTP :{s.http_port}")
+    if s.metrics_port:
+        doors.append(f"metrics :{s.metrics_port}")
+    count = f"{frontends} front-end{'s' if frontends > 1 else ''}"
+    lines = [f"convserve: serving {versions} model version(s) on {', '.join(doors)} ({count}, one engine)"]
+    if s.http_port:
+        scheme = "https" if s.tls_cert else "http"
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        lines.append(f"convserve: the page: {scheme}://{host}:{s.http_port}/")
+    if s.host in ("0.0.0.0", "::", "") and not s.auth_token:
+        lines.append(
+            "convserve: listening on every interface with no token: anyone who reaches this machine can use"
+            " and load models; set --auth-token (CONVSERVE_AUTH_TOKEN) or --host 127.0.0.1"
+        )
+    return "\n".join(lines)
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -209,7 +231,7 @@ class Supervisor:
             versions = self.start_engine()
             for index in range(self.count):
                 self.start_frontend(index)
-            print(self._serving_lines(versions), flush=True)
+            print(serving_lines(self.settings, self.port, self.count, versions), flush=True)
             self._watch()
             return 0
         except StartupError as exc:
@@ -279,28 +301,6 @@ class Supervisor:
             if self.engine.is_alive():
                 self.engine.kill()
                 self.engine.join()
-
-    def _serving_lines(self, versions: int) -> str:
-        """What a person starting the server needs: where each door is, the page's address, and a
-        warning when anyone on the network may use it."""
-        s = self.settings
-        doors = [f"gRPC {s.host}:{self.port}"]
-        if s.http_port:
-            doors.append(f"HTTP :{s.http_port}")
-        if s.metrics_port:
-            doors.append(f"metrics :{s.metrics_port}")
-        frontends = f"{self.count} front-end{'s' if self.count > 1 else ''}"
-        lines = [f"convserve: serving {versions} model version(s) on {', '.join(doors)} ({frontends}, one engine)"]
-        if s.http_port:
-            scheme = "https" if s.tls_cert else "http"
-            host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-            lines.append(f"convserve: the page: {scheme}://{host}:{s.http_port}/")
-        if s.host in ("0.0.0.0", "::", "") and not s.auth_token:
-            lines.append(
-                "convserve: listening on every interface with no token: anyone who reaches this machine can use"
-                " and load models; set --auth-token (CONVSERVE_AUTH_TOKEN) or --host 127.0.0.1"
-            )
-        return "\n".join(lines)
 
     def _check_ports(self) -> None:
         """StartupError for the first port another program holds (the front-ends share theirs with

@@ -1,7 +1,6 @@
 """What a newcomer meets in the first hour: a port someone else holds is one line, `ps` names the
 processes, the serving lines give the page's address, and no command with no server prints raw gRPC."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -76,20 +75,19 @@ def test_ps_names_the_supervisor_the_engine_and_each_front_end(served_repository
         assert server.stop() == 0, server.output()
 
 
-def test_serving_on_every_interface_with_no_token_says_so(monkeypatch, tmp_path):
+def test_serving_on_every_interface_with_no_token_says_so():
     from convserve.service.settings import Settings
-    from convserve.service.supervisor import Supervisor
+    from convserve.service.supervisor import serving_lines
 
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    open_to_all = Supervisor(Settings(host="0.0.0.0", grpc_port=8001, http_port=8000))
-    lines = open_to_all._serving_lines(1).splitlines()
+    lines = serving_lines(Settings(host="0.0.0.0", http_port=8000), 8001, 2, 1).splitlines()
+    assert lines[0] == (
+        "convserve: serving 1 model version(s) on gRPC 0.0.0.0:8001, HTTP :8000, metrics :8002"
+        " (2 front-ends, one engine)"
+    )
     assert lines[1] == "convserve: the page: http://127.0.0.1:8000/"
     assert "every interface with no token" in lines[2] and "--auth-token" in lines[2]
-    with_token = Supervisor(Settings(host="0.0.0.0", grpc_port=8001, http_port=8000, auth_token="s3cret"))
-    assert len(with_token._serving_lines(1).splitlines()) == 2
-    for supervisor in (open_to_all, with_token):
-        os.rmdir(supervisor.metrics_dir)
-        os.rmdir(supervisor.run_dir)
+    with_token = Settings(host="0.0.0.0", http_port=8000, auth_token="s3cret")
+    assert len(serving_lines(with_token, 8001, 1, 1).splitlines()) == 2
 
 
 def test_health_with_no_server_is_one_plain_line():

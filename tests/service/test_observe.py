@@ -102,7 +102,7 @@ def test_a_stream_that_is_not_read_is_not_read_from(monkeypatch):
     pulled = []
 
     class Servicer(InferenceServicer):
-        async def _infer(self, request, outcome, deadline):
+        async def infer_message(self, request, outcome, deadline):
             return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
     settings = Settings(max_stream_in_flight=4)
