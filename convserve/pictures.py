@@ -18,6 +18,8 @@ BORDER = 1
 BORDER_VALUE = 128  # mid grey: tells the tiles apart whether they are dark or bright
 MIN_TILE = 32  # pixels: a tile smaller than this is scaled up
 FILTER_GAP = 4  # pixels between kernels: 3x3 kernels side by side with 1 px between read as one noise field
+FILTER_GAP_VALUE = 255  # white, the panel's paper, with a dark 1 px frame round each kernel: a grey gap
+FILTER_FRAME_VALUE = 64  # alone looks like one more weight, a white one merges with white weights
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,10 @@ def filter_grid(weights: np.ndarray, min_tile: int = MIN_TILE) -> tuple[np.ndarr
     colour = inputs == 3
     tiles = to_uint8(weights, axes=(1, 2, 3)) if colour else to_uint8(weights.mean(axis=1), axes=(1, 2))
     shape = (*plan.size, 3) if colour else plan.size
-    canvas = np.full(shape, BORDER_VALUE, dtype=np.uint8)
+    canvas = np.full(shape, FILTER_GAP_VALUE, dtype=np.uint8)
     for index in range(out):
         top, left, bottom, right = plan.tile_box(index)
+        canvas[top - 1 : bottom + 1, left - 1 : right + 1] = FILTER_FRAME_VALUE
         tile = tiles[index].transpose(1, 2, 0) if colour else tiles[index]
         block = np.ones((scale, scale, 1) if colour else (scale, scale), dtype=np.uint8)
         canvas[top:bottom, left:right] = np.kron(tile, block)
