@@ -45,7 +45,6 @@ import os
 import re
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -60,12 +59,12 @@ import numpy as np
 
 from convserve.client import build_request, channel_options, wait_until_ready
 from convserve.contract import DEFAULT_OUTPUTS, MODEL_FILE, ModelCard, normalize, version_dir, versions
-from convserve.ports import free_port
+from convserve.ports import free_ports
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.service.engine.runtime import ModelRuntime
 from convserve.service.settings import Settings
-from convserve.wire import ShmRef
+from convserve.wire import ShmRef, serialize_bytes
 
 CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps", "http", "http-json")
 # perf_analyzer over V2 HTTP/REST: Triton's binary tensor extension (its default), or JSON tensors
@@ -375,15 +374,14 @@ def run(
     output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
     pa_data = {
         "input": {"input": {"content": x[0].ravel().tolist(), "shape": list(x.shape[1:])}},
-        # perf_analyzer sends a "b64" value's bytes as the tensor's raw contents: a BYTES tensor's
-        # element is its 4-byte little-endian length, then the PNG
-        "image": {"image": {"b64": base64.b64encode(struct.pack("<I", len(png)) + png).decode(), "shape": [1]}},
+        # perf_analyzer sends a "b64" value's bytes as the tensor's raw contents: the BYTES framing
+        "image": {"image": {"b64": base64.b64encode(serialize_bytes([png])).decode(), "shape": [1]}},
     }
     for case in _HTTP_FORMATS:
         pa_data[case] = pa_data["input"]
     rows = []
     for frontends in frontends_list:
-        port, http_port = free_port(), free_port()
+        port, http_port = free_ports(2)
         url = f"127.0.0.1:{port}"
         started = time.perf_counter()
         server = _start_server(

@@ -168,13 +168,13 @@ def fit_ink(image: Image.Image, ink: InkSpec) -> Image.Image:
     the ink cropped with the training data's margin, at its native size. An image with no visible
     ink comes back unchanged."""
     grey = np.asarray(image.convert("L"), dtype=np.float32)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127.5:  # light paper: work on dark paper, light strokes
-        grey = 255.0 - grey
-    paper = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
-    if grey.max() - paper < _FAINTEST_INK:
+    paper = float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))  # the border's
+    if paper > 127.5:  # light paper: work on dark paper, light strokes
+        grey, paper = 255.0 - grey, 255.0 - paper
+    peak = float(grey.max())
+    if peak - paper < _FAINTEST_INK:
         return image
-    ink_mask = grey > paper + 0.5 * (grey.max() - paper)
+    ink_mask = grey > paper + 0.5 * (peak - paper)
     rows, cols = np.nonzero(ink_mask.any(axis=1))[0], np.nonzero(ink_mask.any(axis=0))[0]
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     half = max(bottom - top, right - left) / (1.0 - 2.0 * ink.margin) / 2.0

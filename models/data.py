@@ -47,6 +47,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     spec: PreprocessSpec  # with the training split's mean and std
+    typed: int = 0  # of the training images, how many are typed digits (digits only; see typed_digits)
 
     def train_inputs(self) -> np.ndarray:
         return normalize(self.train_images, self.spec)  # float32 (N, C, H, W)
@@ -87,8 +88,9 @@ def load_dataset(
             raise DataError(f"{kind} needs a folder: --dataset {kind}:PATH")
         if not os.path.isdir(path):
             raise DataError(f"dataset folder {path!r} does not exist")
+    typed = 0
     if kind == "digits":
-        labels, (x_train, y_train), (x_test, y_test) = _digits(seed, test_fraction, typed_digits)
+        labels, (x_train, y_train), (x_test, y_test), typed = _digits(seed, test_fraction, typed_digits)
     elif kind == "imagefolder":
         labels, (x_train, y_train), (x_test, y_test) = _image_folder(path, seed, test_fraction)
     elif kind == "cifar10":
@@ -110,7 +112,14 @@ def load_dataset(
     std = tuple(float(max(s, 1e-6)) for s in scaled.std(axis=(0, 1, 2)))
     final = PreprocessSpec(size[0], size[1], channels, resize, mean, std, ink=ink)
     return Dataset(
-        spec, labels, train, np.asarray(y_train, dtype=np.int64), test, np.asarray(y_test, dtype=np.int64), final
+        spec,
+        labels,
+        train,
+        np.asarray(y_train, dtype=np.int64),
+        test,
+        np.asarray(y_test, dtype=np.int64),
+        final,
+        typed,
     )
 
 
@@ -152,15 +161,15 @@ def digits_as_uint8() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _digits(seed: int, test_fraction: float, typed: bool):
+    """As the other readers, and how many typed digits joined the training split."""
     images, targets = digits_as_uint8()
     train, test = seeded_split(len(images), test_fraction, seed)
     train_images, train_labels = images[train], targets[train]
-    if typed:
-        extra_images, extra_labels = typed_digits()
-        if len(extra_images):
-            train_images = np.concatenate([train_images, extra_images])
-            train_labels = np.concatenate([train_labels, extra_labels])
-    return [str(d) for d in range(10)], (train_images, train_labels), (images[test], targets[test])
+    extra_images, extra_labels = typed_digits() if typed else (train_images[:0], train_labels[:0])
+    train_images = np.concatenate([train_images, extra_images])
+    train_labels = np.concatenate([train_labels, extra_labels])
+    labels = [str(d) for d in range(10)]
+    return labels, (train_images, train_labels), (images[test], targets[test]), len(extra_images)
 
 
 # DejaVu's faces that scripts/make_drawn_digits.py (the drawn-digits check) does not type in

@@ -202,10 +202,9 @@ def train(config: TrainConfig) -> TrainResult:
     augment = config.augment if config.augment is not None else not config.dataset.startswith("mnist")
     redraw = data.spec.ink is not None
     if rank == 0 and config.dataset == "digits" and config.typed_digits:
-        typed = len(data.train_images) - round(1797 * (1 - config.test_fraction))
         print(
-            f"training on {len(data.train_images)} digits: {typed} of them typed in DejaVu's faces"
-            if typed > 0
+            f"training on {len(data.train_images)} digits: {data.typed} of them typed in DejaVu's faces"
+            if data.typed
             else "no DejaVu faces on this machine (fonts-dejavu-extra): training on the handwritten digits only",
             flush=True,
         )

@@ -30,7 +30,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client import build_request, wait_until_ready
-from convserve.ports import free_port
+from convserve.ports import free_ports
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.wire import ShmRef
@@ -126,7 +126,7 @@ def codes(calls) -> str:
 
 class Server:
     def __init__(self, repository: str, *flags: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.url = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)  # noqa: SIM115 (kept: the log)
         self.process = subprocess.Popen(

@@ -7,7 +7,7 @@ per front-end, as length-prefixed pickles of a *list* of messages: everything a 
 event-loop turn goes in one write (one message per front-end per executed batch, not one per request).
 
 Each message is a class below (a NamedTuple: its fields are its documentation), sent as a plain
-tuple `(Kind, *fields)`: pickling a tuple of plain values costs a fifth of pickling the NamedTuple
+tuple `(kind as an int, *fields)`: pickling a tuple of plain values costs a fifth of pickling the NamedTuple
 itself. The receiving side dispatches on the kind through a table of handlers whose parameters are
 the message's fields (`tests/test_architecture.py` checks that every kind has one).
 
@@ -150,12 +150,14 @@ TO_FRONTEND: dict[Kind, type] = {
     Kind.MODELS: Models,
 }
 KIND_OF: dict[type, Kind] = {cls: kind for kind, cls in {**TO_ENGINE, **TO_FRONTEND}.items()}
+# the kind as it travels: a plain int (an enum member pickles as its class), looked up once per message
+_WIRE_KIND: dict[type, int] = {cls: int(kind) for cls, kind in KIND_OF.items()}
 Handlers = dict[Kind, Callable[..., None]]  # a kind -> a callable taking the message's fields
 
 
 def on_wire(message: Message) -> tuple:
     """(kind, *fields): what travels (the kind as a plain int: an enum member pickles as its class)."""
-    return (KIND_OF[type(message)].value, *message)
+    return (_WIRE_KIND[type(message)], *message)
 
 
 def dispatch(handlers: Handlers, wire: tuple) -> bool:

@@ -112,11 +112,11 @@ def serving_lines(s: Settings, port: int, frontends: int, versions: int) -> str:
         doors.append(f"metrics :{s.metrics_port}")
     count = f"{frontends} front-end{'s' if frontends > 1 else ''}"
     lines = [f"convserve: serving {versions} model version(s) on {', '.join(doors)} ({count}, one engine)"]
+    everywhere = s.host in ("0.0.0.0", "::", "")
     if s.http_port:
         scheme = "https" if s.tls_cert else "http"
-        host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-        lines.append(f"convserve: the page: {scheme}://{host}:{s.http_port}/")
-    if s.host in ("0.0.0.0", "::", "") and not s.auth_token:
+        lines.append(f"convserve: the page: {scheme}://{'127.0.0.1' if everywhere else s.host}:{s.http_port}/")
+    if everywhere and not s.auth_token:
         lines.append(
             "convserve: listening on every interface with no token: anyone who reaches this machine can use"
             " and load models; set --auth-token (CONVSERVE_AUTH_TOKEN) or --host 127.0.0.1"

@@ -222,6 +222,18 @@ class Engine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.table: dict[str, Any] = {"served": [], "index": [], "pending": [], "failed": [], "seq": 0}
         self._seen = asyncio.Event()  # set whenever a front-end says which table it routes by
+        # the control calls a front-end may forward (ipc.Call's `method`), built once
+        self._calls: dict[str, Callable[..., Any]] = {
+            "index": self._index,
+            "load": self._load,
+            "unload": self._unload,
+            "statistics": self._statistics,
+            "shm_register": self.shm.register,
+            "shm_status": lambda *name: [(r.name, r.key, r.offset, r.byte_size) for r in self.shm.status(*name)],
+            "shm_unregister": self.shm.unregister,
+            # an encoded image a client left in its region (bytes, not a tensor)
+            "shm_read": lambda name, offset, size, what: self.shm.region(name, what).read(offset, size, what),
+        }
 
     def in_background(self, work) -> None:
         task = asyncio.ensure_future(work)
@@ -270,20 +282,9 @@ class Engine:
 
     async def call(self, method: str, *args) -> Any:
         """The control calls front-ends forward (ipc.Call's `method`); plain data in, plain data out."""
-        calls: dict[str, Callable[..., Any]] = {
-            "index": self._index,
-            "load": self._load,
-            "unload": self._unload,
-            "statistics": self._statistics,
-            "shm_register": self.shm.register,
-            "shm_status": lambda *name: [(r.name, r.key, r.offset, r.byte_size) for r in self.shm.status(*name)],
-            "shm_unregister": self.shm.unregister,
-            # an encoded image a client left in its region (bytes, not a tensor)
-            "shm_read": lambda name, offset, size, what: self.shm.region(name, what).read(offset, size, what),
-        }
-        if method not in calls:
+        if method not in self._calls:
             raise Unimplemented(f"unknown engine call {method!r}")
-        answer = calls[method](*args)
+        answer = self._calls[method](*args)
         return await answer if asyncio.iscoroutine(answer) else answer
 
     async def _index(self) -> list:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from convserve.ports import free_port
+from convserve.ports import free_port, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 __all__ = ["ROOT", "RunningServer", "free_port"]  # the tests import free_port from here too
@@ -18,9 +18,7 @@ class RunningServer:
     def __init__(self, repository, *extra, env=None, wait=True, tls=None):
         self.tls = tls  # a convserve.client.Tls for waiting on a TLS server
         self.repository = str(repository)
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.http_port = free_port()
+        self.port, self.metrics_port, self.http_port = free_ports(3)
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.path.dirname(self.repository), f"server-{self.port}.log")
         self.log = open(self.log_path, "w")
