@@ -1,10 +1,36 @@
-"""Domain errors of the serving half, and the one place that maps them to gRPC status codes."""
+"""Domain errors of the serving half, their protocol-neutral status codes, and the two tables that
+turn a code into what each door answers: `status_of` (the code and the client's message, the gRPC
+door's answer) and `http_status_of` (the HTTP status Triton gives the same case).
+
+`Code` names gRPC's status codes without importing gRPC: the engine and the HTTP door never load it,
+and the gRPC door maps a code by its name (`grpc.StatusCode[code.name]`)."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 
-import grpc
+
+class Code(enum.Enum):
+    """A request's status, named as gRPC names it (the names travel between processes and label metrics)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class StartupError(Exception):
@@ -25,7 +51,7 @@ class ServingError(Exception):
     metrics count refusals by limit; empty for other errors.
     """
 
-    code = grpc.StatusCode.INTERNAL
+    code = Code.INTERNAL
 
     def __init__(self, message: str = "", *, limit: str = "") -> None:
         super().__init__(message)
@@ -33,11 +59,11 @@ class ServingError(Exception):
 
 
 class InvalidInput(ServingError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
 
 class NotFound(ServingError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class ModelNotFound(NotFound):
@@ -45,29 +71,29 @@ class ModelNotFound(NotFound):
 
 
 class AlreadyExists(ServingError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Code.ALREADY_EXISTS
 
 
 class ModelNotReady(ServingError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class QueueFull(ServingError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(ServingError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
 
 
 class ShuttingDown(ServingError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class EngineUnavailable(ServingError):
     """The engine process is down (it is being restarted): answered at once, never waited on."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class EngineRefusal(ServingError):
@@ -75,7 +101,7 @@ class EngineRefusal(ServingError):
 
     def __init__(self, code: str, message: str, limit: str = "", queued: bool = False) -> None:
         super().__init__(message, limit=limit)
-        self.code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+        self.code = Code.__members__.get(code, Code.INTERNAL)
         self.queued = queued  # it reached its model's queue before it failed
 
 
@@ -83,17 +109,17 @@ class FailedPrecondition(ServingError):
     """The request is well formed, but what it asks for does not exist in this state (a version
     exported without the file it needs)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
 
 
 class Unimplemented(ServingError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = Code.UNIMPLEMENTED
 
 
 class LoadFailed(ServingError):
     """A model version that did not pass validation (checksum, load, warm-up)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
 
 # What a client reads when the server itself failed: the details (class names, addresses, paths)
@@ -101,10 +127,33 @@ class LoadFailed(ServingError):
 INTERNAL_MESSAGE = "internal error: the server logged the details"
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(error: BaseException) -> tuple[Code, str]:
     """(status code, message) for any exception; unexpected ones are INTERNAL with a plain message."""
     if isinstance(error, ServingError):
         return error.code, str(error)
     if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED, "cancelled"
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        return Code.CANCELLED, "cancelled"
+    return Code.INTERNAL, INTERNAL_MESSAGE
+
+
+# Code -> the HTTP status Triton answers for the same error (anything else is 500)
+_HTTP_STATUS = {
+    Code.INVALID_ARGUMENT: 400,
+    Code.FAILED_PRECONDITION: 400,
+    Code.OUT_OF_RANGE: 400,
+    Code.UNAUTHENTICATED: 401,
+    Code.PERMISSION_DENIED: 403,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.CANCELLED: 499,
+    Code.UNIMPLEMENTED: 501,
+    Code.UNAVAILABLE: 503,
+    Code.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_of(error: BaseException) -> tuple[int, str]:
+    """(HTTP status, message) for any exception, as Triton's HTTP endpoint answers the same case."""
+    code, message = status_of(error)
+    return _HTTP_STATUS.get(code, 500), message

@@ -34,10 +34,22 @@ def check_batch_size(images: int, max_batch_size: int) -> None:
         raise InvalidInput(f"batch of {images} exceeds max_batch_size {max_batch_size}", limit="batch_size")
 
 
+# The calls that need no token, by path, at either door: health (probes carry no credentials; gRPC's
+# grpc.health.v1.Health, V2 HTTP's /v2/health/...), and the page and its own files (the page asks for
+# the token itself, then sends it with every call).
+TOKEN_FREE = ("/grpc.health.v1.Health/", "/v2/health/", "/static/")
+TOKEN_FREE_PAGES = ("/",)
+
+
+def needs_token(path: str) -> bool:
+    """Whether a call (a gRPC method path or an HTTP path) needs the token, when one is set."""
+    return not path.startswith(TOKEN_FREE) and path not in TOKEN_FREE_PAGES
+
+
 class BearerToken:
     """The token rule of every door (gRPC, HTTP, /metrics): with a token set, a request presents
     `Authorization: Bearer <token>`, compared in constant time; with none, every request passes.
-    Which calls need no token (health) is each door's own routing."""
+    `admits_call` adds which calls need none (`needs_token`)."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode() if token else b""
@@ -52,3 +64,7 @@ class BearerToken:
             return True
         given = presented.encode() if isinstance(presented, str) else (presented or b"")
         return hmac.compare_digest(given, self._expected)
+
+    def admits_call(self, path: str, presented: Union[str, bytes, None]) -> bool:
+        """Whether a call to `path` (gRPC method or HTTP path) with this Authorization value passes."""
+        return not needs_token(path) or self.admits(presented)

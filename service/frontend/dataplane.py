@@ -26,11 +26,11 @@ from convserve.wire import serialize_bytes
 from ..errors import InvalidInput, QueueFull
 from ..ipc import ALIGN, Arena
 from .engine_link import EngineLink
+from .inference import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 from .models import ModelTable, ServedModel
 from .observe import Outcome, Timings
 from .postprocess import to_wire, top_k
 from .preprocess import ImageDecodeError, decode_all, open_checked
-from .protocol import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
 
 # Work this small (a digit model's five feature maps are 344 KB: one memcpy of about 50 µs; decoding a
 # few small images) is done inline, since a hop to a thread costs more (measured with perf_analyzer at

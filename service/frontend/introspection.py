@@ -1,5 +1,6 @@
-"""convserve.v1.Introspection: a served model's arithmetic table and training provenance (front-end:
-read from the card the engine sent and the version folder's filters file)."""
+"""What convserve shows of a served model, as plain data: its arithmetic table and training provenance
+(`describe`, from the card the engine sent) and one convolution's kernels (`read_filters`, from the
+version folder's filters file). Runs in each front-end; the doors call it through the core."""
 
 from __future__ import annotations
 
@@ -8,75 +9,64 @@ import json
 import math
 import os
 import zipfile
+from typing import Any
 
 import numpy as np
 
 from convserve.contract import FILTERS_FILE, MODEL_FILE
-from convserve.proto import introspection_pb2 as ipb
-from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
 from ..errors import FailedPrecondition, NotFound
-from .models import ModelTable
-from .observe import Recorder
-from .servicer import rpc
+from .models import ServedModel
+
+# a layer's fields, as introspection.proto names them; the receptive field and jump are left out
+# where a layer has none (as protobuf's JSON leaves out an empty list)
+_LAYER_FIELDS = ("name", "kind", "op", "input_shape", "output_shape", "params", "macs", "activations", "detail")
 
 
-class IntrospectionServicer(ipb_grpc.IntrospectionServicer):
-    def __init__(self, models: ModelTable, recorder: Recorder) -> None:
-        self.models = models
-        self.recorder = recorder
+def describe(model: ServedModel) -> dict[str, Any]:
+    """DescribeModel's answer, with introspection.proto's field names."""
+    card = model.card
+    arithmetic = card.arithmetic or {"layers": [], "total_params": 0, "total_macs": 0}
+    layers = []
+    for layer in arithmetic["layers"]:
+        row = {key: layer.get(key, "") for key in _LAYER_FIELDS}
+        for key in ("receptive_field", "jump"):
+            if layer.get(key):
+                row[key] = list(layer[key])
+        layers.append(row)
+    return {
+        "name": model.name,
+        "version": str(model.version),
+        "total_params": arithmetic["total_params"],
+        "total_macs": arithmetic["total_macs"],
+        "layers": layers,
+        "feature_maps": list(card.feature_map_names),
+        "labels": list(card.labels),
+        "training_json": json.dumps(card.training),
+        "preprocess_json": json.dumps(card.preprocess.to_dict()),
+        "execution_provider": model.execution_provider,
+        "sha256": card.sha256,
+    }
 
-    @rpc
-    async def DescribeModel(self, request, context, outcome):
-        model = self.models.resolve(request.name, request.version)
-        card = model.card
-        arithmetic = card.arithmetic or {"layers": [], "total_params": 0, "total_macs": 0}
-        response = ipb.DescribeModelResponse(
-            name=model.name,
-            version=str(model.version),
-            total_params=arithmetic["total_params"],
-            total_macs=arithmetic["total_macs"],
-            feature_maps=card.feature_map_names,
-            labels=card.labels,
-            training_json=json.dumps(card.training),
-            preprocess_json=json.dumps(card.preprocess.to_dict()),
-            execution_provider=model.execution_provider,
-            sha256=card.sha256,
-        )
-        for layer in arithmetic["layers"]:
-            response.layers.add(
-                name=layer["name"],
-                kind=layer["kind"],
-                op=layer["op"],
-                input_shape=layer["input_shape"],
-                output_shape=layer["output_shape"],
-                params=layer["params"],
-                macs=layer["macs"],
-                activations=layer["activations"],
-                receptive_field=layer["receptive_field"] or [],
-                jump=layer["jump"] or [],
-                detail=layer.get("detail", ""),
-            )
-        return response
 
-    @rpc
-    async def LayerFilters(self, request, context, outcome):
-        model = self.models.resolve(request.name, request.version)
-        entry = next((f for f in model.card.feature_maps if f["name"] == request.feature_map), None)
-        if entry is None:
-            known = ", ".join(model.card.feature_map_names) or "none"
-            raise NotFound(f"no feature map {request.feature_map[:64]!r}; this model has: {known}")
-        if "conv" not in entry:
-            raise FailedPrecondition(f"feature map {entry['name']!r} is not the output of a single convolution")
-        limit = model.card.onnx_bytes or os.path.getsize(os.path.join(model.folder, MODEL_FILE))
-        try:
-            shape, weights = await asyncio.to_thread(_read_filters, model.folder, entry["name"], limit)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise FailedPrecondition(
-                f"version {model.version} of {model.name!r} has no readable {FILTERS_FILE} ({str(exc)[:200]}): "
-                "export it again"
-            ) from None
-        return ipb.LayerFiltersResponse(feature_map=entry["name"], layer=entry["conv"], shape=shape, weights=weights)
+async def read_filters(model: ServedModel, feature_map: str) -> dict[str, Any]:
+    """LayerFilters' answer: the kernels of the convolution whose output `feature_map` is, as
+    (out, in, kh, kw) little-endian float32 bytes."""
+    entry = next((f for f in model.card.feature_maps if f["name"] == feature_map), None)
+    if entry is None:
+        known = ", ".join(model.card.feature_map_names) or "none"
+        raise NotFound(f"no feature map {feature_map[:64]!r}; this model has: {known}")
+    if "conv" not in entry:
+        raise FailedPrecondition(f"feature map {entry['name']!r} is not the output of a single convolution")
+    limit = model.card.onnx_bytes or os.path.getsize(os.path.join(model.folder, MODEL_FILE))
+    try:
+        shape, weights = await asyncio.to_thread(_read_filters, model.folder, entry["name"], limit)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise FailedPrecondition(
+            f"version {model.version} of {model.name!r} has no readable {FILTERS_FILE} ({str(exc)[:200]}): "
+            "export it again"
+        ) from None
+    return {"feature_map": entry["name"], "layer": entry["conv"], "shape": shape, "weights": weights}
 
 
 def _read_filters(folder: str, name: str, limit: int) -> tuple[list[int], bytes]:

@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import grpc
-
-from ..errors import ServingError, status_of
+from ..errors import Code, ServingError, status_of
 from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
+LOGGED = "convserve_logged"  # set on an unexpected error once its traceback is logged
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Outcome:
     method: str  # the RPC's name: ModelInfer, ModelStreamInfer, ModelReady ...
     model: str = ""  # the model the request named ("" if none)
     version: str = ""  # the version that took it ("" if none did)
-    code: grpc.StatusCode = grpc.StatusCode.OK
+    code: Code = Code.OK
     seconds: float = 0.0  # server time of the whole request
     timings: Optional[Timings] = None  # an inference's stages, once it has run
     feature_map_bytes: int = 0
@@ -101,8 +100,9 @@ class Recorder:
         except BaseException as exc:
             outcome.code, _ = status_of(exc)
             outcome.limit = getattr(exc, "limit", "")
-            if not isinstance(exc, ServingError) and outcome.code == grpc.StatusCode.INTERNAL:
+            if not isinstance(exc, ServingError) and outcome.code == Code.INTERNAL:
                 log.error("unexpected error in %s for model %r", outcome.method, outcome.model[:128], exc_info=exc)
+                setattr(exc, LOGGED, True)  # a door that catches it need not log it again
             raise
         finally:
             self.metrics.in_flight.dec()
@@ -126,7 +126,7 @@ class Recorder:
         if not version:
             return
         elapsed_ns = int(outcome.seconds * 1e9)
-        if outcome.code == grpc.StatusCode.OK and timings is not None:
+        if outcome.code == Code.OK and timings is not None:
             t = timings
             record = (True, elapsed_ns, t.queue_ns, t.preprocess_ns, t.compute_ns, t.postprocess_ns)
         elif outcome.queued:  # a request refused before the queue (bad shape, bad image) is not

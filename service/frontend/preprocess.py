@@ -85,3 +85,12 @@ def blank_png(spec: PreprocessSpec) -> bytes:
     buffer = io.BytesIO()
     Image.new(spec.mode, (spec.width, spec.height)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def preprocessed_png(data: bytes, spec: PreprocessSpec, limits: ImageLimits) -> bytes:
+    """An image as its model sees it, before the mean and std: a PNG of the decoded pixels (the page's
+    preview of what inference decodes)."""
+    pixels = decode_image(data, spec, limits)  # uint8 (H, W, C)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -13,7 +13,6 @@ import contextlib
 import errno
 import logging
 import signal
-import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -33,34 +32,21 @@ from ..errors import StartupError, port_in_use
 from ..ipc import Arena
 from ..metrics import Metrics
 from ..settings import Settings
-from .auth import AuthInterceptor
+from .core import FrontendCore, ServerState
 from .dataplane import DataPlane
 from .engine_link import EngineLink
-from .health import NOT_SERVING, SERVING, Health
-from .http import HttpFrontDoor
-from .introspection import IntrospectionServicer
+from .grpc.auth import AuthInterceptor
+from .grpc.health import NOT_SERVING, SERVING, Health
+from .grpc.introspection import IntrospectionServicer
+from .grpc.servicer import InferenceServicer, add_to_server
+from .http.door import HttpDoor
 from .limits import cards_on_disk, largest_messages, message_limits
 from .models import ModelTable
 from .observe import Recorder
 from .preprocess import blank_png, preprocess_encoded
-from .servicer import InferenceServicer, ServerState, add_to_server
+from .tls import Tls
 
 log = logging.getLogger("convserve.frontend")
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS from the PEM files the settings name; mutual TLS when a client CA is given."""
-
-    def read(path: str) -> bytes:
-        with open(path, "rb") as handle:
-            return handle.read()
-
-    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(read(settings.tls_key), read(settings.tls_cert))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
 
 
 class Frontend:
@@ -82,6 +68,10 @@ class Frontend:
         self.codec_executor = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="codec")
         self.dataplane = DataPlane(self.models, self.engine, self.arena, self.codec_executor)
         self.identity = f"{index}/{count}"
+        self.core = FrontendCore(
+            self.models, self.engine, self.dataplane, settings, lambda: self.state, self.recorder, self.identity
+        )
+        self.tls = Tls.of(settings)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_runner: Optional[web.AppRunner] = None
         self.limits = message_limits(cards_on_disk(settings.repository), settings)
@@ -146,12 +136,8 @@ class Frontend:
         ]
         interceptors = [AuthInterceptor(s.auth_token, self.recorder)] if s.auth_token else []
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
-        servicer = InferenceServicer(
-            self.models, self.engine, self.dataplane, s, lambda: self.state, self.recorder, self.identity
-        )
-        add_to_server(servicer, self.grpc_server)
-        introspection = IntrospectionServicer(self.models, self.recorder)
-        ipb_grpc.add_IntrospectionServicer_to_server(introspection, self.grpc_server)
+        add_to_server(InferenceServicer(self.core), self.grpc_server)
+        ipb_grpc.add_IntrospectionServicer_to_server(IntrospectionServicer(self.core), self.grpc_server)
         self.grpc_server.add_generic_rpc_handlers((self.health.handler(),))
         # Reflection reads our descriptor pool; health's file joins it so it can be reflected too.
         try:
@@ -166,32 +152,26 @@ class Frontend:
         ]
         reflection.enable_server_reflection(service_names, self.grpc_server, pool=POOL)
         address = f"{s.host}:{self.port}"
-        if s.tls_cert:
-            bound = self.grpc_server.add_secure_port(address, server_credentials(s))
+        if self.tls is not None:
+            bound = self.grpc_server.add_secure_port(address, self.tls.grpc_credentials())
         else:
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:  # gRPC says no more; a port held by another program is the usual cause
             raise port_in_use(self.port, "gRPC", "grpc_port")
         if s.http_port:
-            await self._start_http(servicer, introspection)
+            await self._start_http()
         self.state = ServerState.READY
         self._update_health()
         await self.grpc_server.start()
         log.info("front-end %s listening on %s (gRPC)", self.identity, address)
 
-    async def _start_http(self, servicer: InferenceServicer, introspection: IntrospectionServicer) -> None:
-        """V2 HTTP/REST on the same event loop, the same servicer, its port shared by the front-ends."""
+    async def _start_http(self) -> None:
+        """V2 HTTP/REST on the same event loop, over the same core, its port shared by the front-ends."""
         s = self.settings
-        door = HttpFrontDoor(servicer, introspection, s.auth_token, self.limits.receive)
+        door = HttpDoor(self.core, s.auth_token, self.limits.receive)
         self.http_runner = web.AppRunner(door.application(), access_log=None, handle_signals=False)
         await self.http_runner.setup()
-        context = None
-        if s.tls_cert:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-            if s.tls_client_ca:
-                context.load_verify_locations(s.tls_client_ca)
-                context.verify_mode = ssl.CERT_REQUIRED
+        context = self.tls.ssl_context() if self.tls is not None else None
         site = web.TCPSite(self.http_runner, s.host, s.http_port, ssl_context=context, reuse_port=True)
         try:
             await site.start()

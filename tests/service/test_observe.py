@@ -12,9 +12,10 @@ from prometheus_client import generate_latest
 from convserve.cpus import available_cpus
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.service.engine.stats import VersionStats
-from convserve.service.errors import INTERNAL_MESSAGE, DeadlineExceeded, InvalidInput
+from convserve.service.errors import INTERNAL_MESSAGE, Code, DeadlineExceeded, InvalidInput
+from convserve.service.frontend.core import FrontendCore, ServerState
+from convserve.service.frontend.grpc.servicer import InferenceServicer
 from convserve.service.frontend.observe import Outcome, Recorder, Timings
-from convserve.service.frontend.servicer import InferenceServicer, ServerState, rpc
 from convserve.service.metrics import Metrics
 from convserve.service.settings import Settings
 
@@ -46,7 +47,7 @@ def test_one_outcome_feeds_metrics_and_statistics_alike():
     with pytest.raises(DeadlineExceeded), recorder.observe(Outcome("ModelInfer", "digits", "1")) as late:
         late.queued = True
         raise DeadlineExceeded("deadline passed while the request was queued")
-    recorder.record(Outcome("ModelInfer", "no_such_model", code=grpc.StatusCode.NOT_FOUND))
+    recorder.record(Outcome("ModelInfer", "no_such_model", code=Code.NOT_FOUND))
     text = _text(metrics)
     assert 'convserve_requests_total{code="OK",method="ModelInfer",model="digits",version="1"} 1.0' in text
     assert 'code="INVALID_ARGUMENT",method="ModelInfer",model="digits",version="1"} 1.0' in text
@@ -81,33 +82,32 @@ class _Context:
 
 
 def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_plainly(caplog):
-    class Broken:
-        recorder = Recorder(Metrics(), lambda name: True)
-
-        @rpc
-        async def ModelReady(self, request, context, outcome):
+    class BrokenTable:
+        def resolve(self, name, version=""):
             raise KeyError("a secret internal detail at 0x7f00")
 
+    recorder = Recorder(Metrics(), lambda name: True)
+    core = FrontendCore(BrokenTable(), None, None, Settings(), lambda: ServerState.READY, recorder)
     context = _Context()
     with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError):
-        asyncio.run(Broken().ModelReady(pb.ModelReadyRequest(name="digits"), context))
+        asyncio.run(InferenceServicer(core).ModelReady(pb.ModelReadyRequest(name="digits"), context))
     assert context.aborted == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     assert "KeyError" not in INTERNAL_MESSAGE and "0x7f" not in INTERNAL_MESSAGE
     record = next(r for r in caplog.records if "unexpected error in ModelReady" in r.getMessage())
     assert record.exc_info is not None and "0x7f00" in str(record.exc_info[1])
-    assert 'code="INTERNAL",method="ModelReady"' in _text(Broken.recorder.metrics)
+    assert 'code="INTERNAL",method="ModelReady"' in _text(recorder.metrics)
 
 
 def test_a_stream_that_is_not_read_is_not_read_from(monkeypatch):
     pulled = []
 
     class Servicer(InferenceServicer):
-        async def infer_message(self, request, outcome, deadline):
+        async def stream_answer(self, request, deadline):
             return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
     settings = Settings(max_stream_in_flight=4)
     recorder = Recorder(Metrics(), lambda name: True)
-    servicer = Servicer(None, None, None, settings, lambda: ServerState.READY, recorder)
+    servicer = Servicer(FrontendCore(None, None, None, settings, lambda: ServerState.READY, recorder))
 
     async def requests():
         for i in range(1000):

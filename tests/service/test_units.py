@@ -12,9 +12,9 @@ from convserve.client import build_request
 from convserve.contract import PreprocessSpec
 from convserve.service import settings as settings_module
 from convserve.service.errors import InvalidInput, ModelNotFound
+from convserve.service.frontend.grpc.protocol import parse_infer_request
 from convserve.service.frontend.postprocess import top_k
 from convserve.service.frontend.preprocess import ImageDecodeError, decode_image, preprocess_encoded
-from convserve.service.frontend.protocol import parse_infer_request
 from convserve.wire import deserialize_bytes, serialize_bytes
 
 
@@ -52,7 +52,8 @@ def _timeout_as_text(request):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "or both"),
+        (lambda r: (r.inputs.add(name="other", datatype="FP32", shape=[1]), r.raw_input_contents.append(b"")), "both"),
+        (lambda r: r.inputs.add(name="other", datatype="FP32", shape=[1]), "one entry per input"),
         (lambda r: setattr(r.inputs[0], "datatype", "INT8"), "must be FP32"),
         (lambda r: r.inputs[0].shape.__setitem__(1, 2), "needs"),
         (lambda r: setattr(r.inputs[0], "name", "pixels"), "unknown input"),
@@ -174,14 +175,9 @@ def test_limits_are_derived_from_the_model_unless_set():
 
 def test_the_hand_encoded_answer_is_the_protobuf_answer():
     from convserve.proto import grpc_service_pb2 as pb
-    from convserve.service.frontend.protocol import (
-        InferRequest,
-        InferResult,
-        OutputTensor,
-        ShmRef,
-        build_infer_response,
-        encode_infer_response,
-    )
+    from convserve.service.frontend.grpc.protocol import build_infer_response, encode_infer_response
+    from convserve.service.frontend.inference import InferRequest, InferResult, OutputTensor
+    from convserve.wire import ShmRef
 
     big = np.arange(70_000, dtype="<f4").tobytes()  # a length that takes a three-byte varint
     result = InferResult(

@@ -1,12 +1,14 @@
-"""Bearer-token authentication: with a token set, every RPC but health checks needs
-`authorization: Bearer <token>`, compared in constant time. A refusal is recorded like any outcome."""
+"""Bearer-token authentication over gRPC: with a token set, every RPC but health checks needs
+`authorization: Bearer <token>` (the rule is `rules.BearerToken`'s, as at every door). A refusal is
+recorded like any outcome."""
 
 from __future__ import annotations
 
 import grpc
 
-from ..rules import BearerToken
-from .observe import Outcome, Recorder
+from ...errors import Code
+from ...rules import BearerToken
+from ..observe import Outcome, Recorder
 
 _HANDLER_KINDS = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -23,10 +25,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method_path = handler_call_details.method
-        if method_path.startswith("/grpc.health.v1.Health/"):
-            return await continuation(handler_call_details)  # probes carry no credentials
         presented = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if self._token.admits(presented):
+        if self._token.admits_call(method_path, presented):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -35,7 +35,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         recorder = self._recorder
 
         async def deny(request_or_iterator, context):
-            recorder.record(Outcome(method, code=grpc.StatusCode.UNAUTHENTICATED))
+            recorder.record(Outcome(method, code=Code.UNAUTHENTICATED))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong authorization token")
 
         async def deny_stream(request_or_iterator, context):

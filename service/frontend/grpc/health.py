@@ -18,7 +18,8 @@ from typing import Any, Optional
 import grpc
 from grpc_health.v1 import health_pb2
 
-from .observe import Outcome, Recorder
+from ...errors import Code
+from ..observe import Outcome, Recorder
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -88,9 +89,7 @@ class Health:
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         request = await self._request(raw, context)
         if self.watches >= self.max_watches:
-            self._recorder.record(
-                Outcome("HealthWatch", code=grpc.StatusCode.RESOURCE_EXHAUSTED, limit="health_watches")
-            )
+            self._recorder.record(Outcome("HealthWatch", code=Code.RESOURCE_EXHAUSTED, limit="health_watches"))
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.watches} health Watch streams are open, the most this front-end keeps "

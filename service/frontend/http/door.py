@@ -1,0 +1,263 @@
+"""The V2 HTTP/REST protocol (KServe's, with Triton's binary tensor extension), and the page, on aiohttp.
+
+Runs in each front-end, on the event loop its gRPC server runs on, on `--http-port` (shared by the
+front-ends as gRPC's is). Every route reads its request, calls the core (`..core.FrontendCore`, the
+same calls the gRPC door makes, recorded there) and answers the core's data as V2 JSON: the core's
+answers are V2's JSON shapes already. Inference reads and writes its body in `protocol`. Errors are
+V2's `{"error": "..."}` with the HTTP status Triton gives the same case (errors.http_status_of).
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ...errors import Code, InvalidInput, http_status_of
+from ...rules import BearerToken
+from ..core import FrontendCore
+from ..observe import LOGGED, Outcome
+from .protocol import HEADER_LENGTH, infer_response, parse_infer_request
+
+log = logging.getLogger(__name__)
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(error: BaseException) -> web.Response:
+    status, message = http_status_of(error)
+    return web.json_response({"error": message}, status=status)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer: only this server may be talked to or loaded from; no framing, no sniffing."""
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+
+
+def _log_value(value: Any) -> Any:
+    """A log setting's JSON value: booleans, non-negative integers or strings."""
+    if isinstance(value, (bool, str)) or (isinstance(value, int) and value >= 0):
+        return value
+    raise InvalidInput("log settings are booleans, non-negative integers or strings")
+
+
+def _trace_value(value: Any) -> list[str]:
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+class HttpDoor:
+    """The routes, over the core the gRPC door calls too."""
+
+    def __init__(self, core: FrontendCore, token: str, max_body_bytes: int) -> None:
+        self.core = core
+        self.max_body_bytes = max_body_bytes
+        self._token = BearerToken(token)
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
+        core = self.core
+        route = app.router.add_route
+
+        route("GET", "/v2/health/live", _handler(lambda r: core.live(), _presence))
+        route("GET", "/v2/health/ready", _handler(lambda r: core.ready(), _presence))
+        route("GET", "/v2", _handler(lambda r: core.server_metadata()))
+        route("GET", "/v2/models/stats", _handler(lambda r: core.statistics()))
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            route("GET", prefix, _handler(lambda r: core.model_metadata(*_named(r))))
+            route("GET", prefix + "/ready", _handler(lambda r: core.model_ready(*_named(r)), _presence))
+            route("GET", prefix + "/config", _handler(lambda r: core.model_config(*_named(r))))
+            route("GET", prefix + "/stats", _handler(lambda r: core.statistics(*_named(r))))
+            route("POST", prefix + "/infer", self._infer)
+        route("POST", "/v2/repository/index", _handler(self._index))
+        route("POST", "/v2/repository/models/{model}/load", _handler(lambda r: core.load(_model(r)), _empty))
+        route("POST", "/v2/repository/models/{model}/unload", _handler(lambda r: core.unload(_model(r)), _empty))
+        # system shared memory (the same engine state gRPC registers into); CUDA: status and unregister
+        shm, cuda = "/v2/systemsharedmemory", "/v2/cudasharedmemory"
+        route("POST", shm + "/region/{region}/register", _handler(self._shm_register, _empty))
+        route("GET", shm + "/status", _handler(lambda r: core.shm_status()))
+        route("GET", shm + "/region/{region}/status", _handler(lambda r: core.shm_status(_region(r))))
+        route("POST", shm + "/unregister", _handler(lambda r: core.shm_unregister(), _empty))
+        route("POST", shm + "/region/{region}/unregister", _handler(lambda r: core.shm_unregister(_region(r)), _empty))
+        route("GET", cuda + "/status", _handler(lambda r: core.cuda_shm_status()))
+        route("GET", cuda + "/region/{region}/status", _handler(lambda r: core.cuda_shm_status(_region(r))))
+        for path in (cuda + "/unregister", cuda + "/region/{region}/unregister"):
+            route("POST", path, _handler(lambda r: core.cuda_shm_unregister(), _empty))
+        # logging and trace settings, read (GET) and set (POST), as the gRPC calls
+        for method in ("GET", "POST"):
+            route(method, "/v2/logging", _handler(self._log_settings))
+            for path in ("/v2/trace/setting", "/v2/models/{model}/trace/setting"):
+                route(method, path, _handler(self._trace_settings))
+        # convserve's own calls, as JSON, under a prefix V2 cannot use
+        own = "/convserve/v1/models/{model}"
+        route("GET", own + "/describe", _handler(lambda r: core.describe_model(_model(r))))
+        route("GET", own + "/filters/{feature_map}", _handler(self._filters))
+        route("POST", own + "/preprocess", _handler(self._preprocessed, _png))
+        # the page: the server's own files, with a policy that lets them talk to this server only
+        route("GET", "/", self._page)
+        app.router.add_static("/static/", STATIC, follow_symlinks=False)
+        app.on_response_prepare.append(_security_headers)
+        return app
+
+    async def _page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(os.path.join(STATIC, "index.html"))
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler):
+        """The token (rules.needs_token says which calls need none), and no traceback ever reaches a
+        client: what a call raises becomes V2's error body with Triton's status."""
+        if not self._token.admits_call(request.path, request.headers.get("Authorization")):
+            self.core.recorder.record(Outcome("HTTP", code=Code.UNAUTHENTICATED))
+            return web.json_response(
+                {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own (unknown route, body too large): V2's error shape
+            if exc.status == 413:
+                return web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
+            return web.json_response({"error": exc.reason}, status=exc.status)
+        except Exception as exc:  # a bug is logged by the core's observe; one outside a call, here
+            if http_status_of(exc)[0] == 500 and not getattr(exc, LOGGED, False):
+                log.error("HTTP %s %s failed", request.method, request.path[:200], exc_info=exc)
+            return _error(exc)
+
+    async def _preprocessed(self, request: web.Request) -> bytes:
+        """An image (the body, PNG or JPEG) as the model sees it (the page's preview)."""
+        body = await _body(request)
+        return await self.core.preprocessed(_model(request), request.query.get("version", ""), body)
+
+    async def _filters(self, request: web.Request) -> dict[str, Any]:
+        filters = await self.core.layer_filters(_model(request), "", request.match_info["feature_map"])
+        return {**filters, "weights": base64.b64encode(filters["weights"]).decode()}
+
+    async def _shm_register(self, request: web.Request) -> None:
+        body = await _json(await _body(request))
+        if not isinstance(body, dict):
+            raise InvalidInput("the register body is a JSON object: key, offset, byte_size")
+        try:
+            key, offset, size = str(body.get("key", "")), int(body.get("offset", 0)), int(body.get("byte_size", 0))
+        except (TypeError, ValueError):
+            raise InvalidInput("offset and byte_size are non-negative integers") from None
+        await self.core.shm_register(_region(request), key, offset, size)
+
+    async def _settings_body(self, request: web.Request) -> dict:
+        """What a POST sets (a JSON object of key -> value); a GET sets nothing."""
+        if request.method != "POST":
+            return {}
+        body = await _json(await _body(request))
+        if not isinstance(body, dict):
+            raise InvalidInput("the settings body is a JSON object")
+        return body
+
+    async def _log_settings(self, request: web.Request) -> dict[str, Any]:
+        updates = {str(k): _log_value(v) for k, v in (await self._settings_body(request)).items()}
+        return self.core.log_settings(updates)
+
+    async def _trace_settings(self, request: web.Request) -> dict[str, list[str]]:
+        updates = {str(k): _trace_value(v) for k, v in (await self._settings_body(request)).items()}
+        return self.core.trace_settings(request.match_info.get("model", ""), updates)
+
+    async def _index(self, request: web.Request) -> list[dict[str, Any]]:
+        body = await _json(await _body(request))
+        ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
+        return await self.core.repository_index(ready=ready)
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        core = self.core
+        name, version = _named(request)
+        with core.inference("ModelInfer", name) as outcome:  # no deadline over HTTP (its `timeout` parameter counts)
+            body = await _body(request)
+            length = request.headers.get(HEADER_LENGTH)
+            if length is not None:
+                if not length.isdigit() or int(length) > len(body):
+                    raise InvalidInput(f"{HEADER_LENGTH} {length[:32]!r} does not fit the body of {len(body)} bytes")
+                split = int(length)
+            else:
+                split = len(body)
+            header = await _json(body[:split])
+            parsed = parse_infer_request(name, version, header, memoryview(body)[split:], core.settings.max_batch_size)
+            result = await core.infer(parsed, outcome, None)
+        data, json_length = infer_response(header, result)
+        headers = {"Content-Type": "application/json" if json_length == len(data) else "application/octet-stream"}
+        if json_length != len(data):
+            headers[HEADER_LENGTH] = str(json_length)
+        response = web.Response(body=data, headers=headers)
+        encoding = request.headers.get("Accept-Encoding", "")
+        if "gzip" in encoding:
+            response.enable_compression(web.ContentCoding.gzip)
+        elif "deflate" in encoding:
+            response.enable_compression(web.ContentCoding.deflate)
+        return response
+
+
+def _handler(call: Callable[[web.Request], Any], answer: Callable[[Any], web.Response] | None = None) -> Handler:
+    """A route: the core's answer to `call` (awaited when it is a coroutine), as JSON unless `answer`
+    says otherwise."""
+
+    async def handle(request: web.Request) -> web.Response:
+        result = call(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return web.json_response(result) if answer is None else answer(result)
+
+    return handle
+
+
+def _presence(ready: bool) -> web.Response:
+    """V2's health and readiness: the status says it (200 yes, 400 no), the body is empty."""
+    return web.Response(status=200 if ready else 400)
+
+
+def _empty(_: None) -> web.Response:
+    return web.Response(status=200)
+
+
+def _png(data: bytes) -> web.Response:
+    return web.Response(body=data, content_type="image/png")
+
+
+def _model(request: web.Request) -> str:
+    return request.match_info["model"]
+
+
+def _region(request: web.Request) -> str:
+    return request.match_info["region"]
+
+
+def _named(request: web.Request) -> tuple[str, str]:
+    """name and version from a /v2/models/{model}[/versions/{version}] path."""
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+async def _body(request: web.Request) -> bytes:
+    """The body: aiohttp inflates gzip and deflate (Content-Encoding, as Triton takes) and stops at the
+    size limit counted after inflating, so a small compressed bomb is refused as too large."""
+    try:
+        return await request.read()
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # a body that does not inflate, a connection cut mid-body
+        raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
+
+
+async def _json(data: bytes) -> Any:
+    if not data:
+        return {}
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the request's JSON does not parse") from None
