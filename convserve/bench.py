@@ -53,6 +53,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from typing import Any
 
 import grpc
 import numpy as np
@@ -62,14 +63,15 @@ from convserve.contract import DEFAULT_OUTPUTS, MODEL_FILE, ModelCard, normalize
 from convserve.ports import free_ports
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
-from convserve.service.engine.runtime import ModelRuntime
-from convserve.service.settings import Settings
+from convserve.sessions import SessionSettings, open_session
 from convserve.wire import ShmRef, serialize_bytes
 
 CASES = ("input", "image", "fmaps", "fmaps-fp16", "shm", "shm-fmaps", "http", "http-json")
 # perf_analyzer over V2 HTTP/REST: Triton's binary tensor extension (its default), or JSON tensors
 _HTTP_FORMATS = {"http": "binary", "http-json": "json"}
 _DEFAULT_OUTPUTS = list(DEFAULT_OUTPUTS)
+# the largest batch measured in-process, and the server's --max-batch-size here (its default too)
+MAX_BATCH_SIZE = 32
 
 
 @dataclass
@@ -102,19 +104,20 @@ class Limit:
     best_cpu_ms_per_image: float = 0.0  # process CPU time per image at the best batch
 
 
-def in_process_limit(runtime: ModelRuntime, x: np.ndarray, outputs: list[str], max_batch: int, seconds: float) -> Limit:
+def in_process_limit(session: Any, x: np.ndarray, outputs: list[str], max_batch: int, seconds: float) -> Limit:
     """Run batches of 1, 2, 4 ... max_batch copies of x (1, C, H, W) back to back, seconds/steps each."""
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch]
     by_batch, cpu_by_batch, batch1_ms = {}, {}, float("nan")
     for size in sizes:
         batch = np.ascontiguousarray(np.repeat(x, size, axis=0))
-        runtime.run(batch, outputs)  # warm
+        feed = {session.get_inputs()[0].name: batch}
+        session.run(outputs, feed)  # warm
         latencies: list[float] = []
         stop_at = time.perf_counter() + seconds / len(sizes)
         cpu_started = time.process_time()
         while time.perf_counter() < stop_at or len(latencies) < 3:
             started = time.perf_counter()
-            runtime.run(batch, outputs)
+            session.run(outputs, feed)
             latencies.append(time.perf_counter() - started)
         cpu_by_batch[size] = (time.process_time() - cpu_started) * 1000 / (size * len(latencies))
         by_batch[size] = size / statistics.fmean(latencies)
@@ -344,8 +347,9 @@ def run(
     Image.fromarray(pixels[:, :, 0] if c == 1 else pixels).save(buffer, format="PNG")
     png = buffer.getvalue()
     fmaps = [*_DEFAULT_OUTPUTS, *card.feature_map_names]
-    settings = Settings()
-    runtime = ModelRuntime(os.path.join(folder, MODEL_FILE), settings)
+    # the session `convserve serve` opens with its defaults (the server below runs with them, and with
+    # MAX_BATCH_SIZE, which is its default too)
+    session = open_session(os.path.join(folder, MODEL_FILE), SessionSettings())
     output_sets = {"logits": _DEFAULT_OUTPUTS, "fmaps": fmaps}
     tool = perf_analyzer() if driver != "python" else None
     if driver == "perf_analyzer" and tool is None:
@@ -365,11 +369,10 @@ def run(
     for key in sorted(wanted_sets):
         progress(f"in-process limit for {key} ...")
         started = time.perf_counter()
-        limits[key] = in_process_limit(runtime, x, output_sets[key], settings.max_batch_size, seconds)
+        limits[key] = in_process_limit(session, x, output_sets[key], MAX_BATCH_SIZE, seconds)
         spent["in-process limits"] += time.perf_counter() - started
-    provider = runtime.execution_provider
-    runtime.close()
-    del runtime  # its threads would compete with the server's
+    provider = session.get_providers()[0]
+    del session  # its threads would compete with the server's
 
     output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
     pa_data = {
@@ -477,6 +480,8 @@ def _start_server(repository: str, port: int, args: Sequence[str]) -> subprocess
             "0",  # unless `args` asks for it
             "--log-level",
             "WARNING",
+            "--max-batch-size",
+            str(MAX_BATCH_SIZE),
             *args,
         ],
         stdout=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Optional
 
 from convserve.cpus import available_cpus
+from convserve.sessions import SessionSettings
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -163,6 +164,19 @@ class Settings:
     def image_format_list(self) -> tuple[str, ...]:
         return tuple(f.strip().upper() for f in self.image_formats.split(",") if f.strip())
 
+    def session_settings(self) -> SessionSettings:
+        """What onnxruntime sessions are opened with (convserve.sessions)."""
+        return SessionSettings(
+            providers=tuple(self.provider_list()),
+            instances=self.instances,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            intra_op_spinning=self.intra_op_spinning,
+            cuda_device_id=self.cuda_device_id,
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
+            gpu_mem_limit_bytes=self.gpu_mem_limit_bytes,
+        )
+
     def provider_list(self) -> list[str]:
         return [p.strip().lower() for p in self.providers.split(",") if p.strip()]
 
@@ -192,8 +206,3 @@ def from_sources(args: argparse.Namespace | None = None, environ: Mapping[str, s
             except ValueError:
                 raise ValueError(f"CONVSERVE_{f.name.upper()}={env!r} is not a valid {kind.__name__}") from None
     return Settings(**values).validate()
-
-
-def default_intra_op_threads(instances: int) -> int:
-    """Threads per session run so that `instances` concurrent runs fill the CPUs, never more."""
-    return max(1, available_cpus() // max(1, instances))

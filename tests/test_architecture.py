@@ -107,24 +107,73 @@ def test_the_halves_meet_only_at_the_contract():
     assert reaches("convserve.models.export", "convserve.contract")
 
 
-def test_the_client_never_imports_the_server():
-    """The Python client speaks the wire (convserve.wire, convserve.proto) and the contract; nothing of
-    convserve.service. The benchmark still measures the in-process limit with the server's own
-    ModelRuntime (the same session options), and that is its one import of the serving half."""
+def _reached(edges: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in edges[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_client_and_the_benchmark_never_import_the_server():
+    """The Python client and the benchmark speak the wire (convserve.wire, convserve.proto) and the
+    contract; the benchmark opens its in-process session with convserve.sessions, as the engine does.
+    Nothing of convserve.service, at any depth."""
     edges = _imports(_modules())
+    for start in ("convserve.client", "convserve.bench"):
+        served = sorted(m for m in _reached(edges, start) if m.startswith("convserve.service"))
+        assert not served, (start, served)
+    assert "convserve.sessions" in edges["convserve.bench"]
+    assert "convserve.sessions" in _reached(edges, "convserve.service.engine.runtime")
 
-    def reached(start):
-        seen, todo = set(), [start]
-        while todo:
-            for target in edges[todo.pop()]:
-                if target not in seen:
-                    seen.add(target)
-                    todo.append(target)
-        return seen
 
-    assert not [m for m in reached("convserve.client") if m.startswith("convserve.service")]
-    served = {m for m in edges["convserve.bench"] if m.startswith("convserve.service")}
-    assert served == {"convserve.service.engine.runtime", "convserve.service.settings"}, served
+def _library_imports(path: str) -> set[str]:
+    """The top-level names of what a file imports from outside the package (grpc, aiohttp, google ...)."""
+    with open(path) as handle:
+        tree = ast.parse(handle.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return {n.split(".")[0] if not n.startswith("convserve.proto") else "convserve.proto" for n in names}
+
+
+def test_each_door_calls_the_core_and_neither_knows_the_other():
+    """frontend/grpc and frontend/http are adapters over frontend/core: the HTTP door never imports the
+    gRPC door, gRPC's library or its generated messages; the gRPC door never imports the HTTP door or
+    aiohttp; the front-end's own modules (the core, the data plane, the request types ...) import
+    neither door nor either library: only server.py, which starts both, and tls.py, which configures
+    both, know them."""
+    modules = _modules()
+    edges = _imports(modules)
+    frontend = "convserve.service.frontend"
+    grpc_door, http_door = frontend + ".grpc", frontend + ".http"
+
+    def inside(module, package):
+        return module == package or module.startswith(package + ".")
+
+    doors = {grpc_door: ({"grpc", "grpc_health", "grpc_reflection", "google", "convserve.proto"}, http_door)}
+    doors[http_door] = ({"aiohttp"}, grpc_door)
+    for module in edges:
+        if inside(module, http_door):
+            assert not any(inside(t, grpc_door) for t in edges[module]), module
+            assert not _library_imports(modules[module]) & doors[grpc_door][0], module
+        if inside(module, grpc_door):
+            assert not any(inside(t, http_door) for t in edges[module]), module
+            assert not _library_imports(modules[module]) & doors[http_door][0], module
+        if inside(module, frontend) and not inside(module, grpc_door) and not inside(module, http_door):
+            if module in (frontend + ".server", frontend + ".tls"):
+                continue
+            assert not any(inside(t, grpc_door) or inside(t, http_door) for t in edges[module]), module
+            libraries = doors[grpc_door][0] | doors[http_door][0]
+            assert not _library_imports(modules[module]) & libraries, (module, _library_imports(modules[module]))
+    # and both doors do go through the core
+    assert frontend + ".core" in edges[grpc_door + ".servicer"]
+    assert frontend + ".core" in edges[http_door + ".door"]
 
 
 @pytest.fixture(scope="module")

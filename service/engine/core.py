@@ -344,12 +344,14 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    async def run(self, ready: Callable[[int], None]) -> None:
-        """Load the repository, then take front-ends until SIGTERM; `ready(versions)` once loaded."""
+    async def run(self, ready: Callable[[int], None], stop: Optional[asyncio.Event] = None) -> None:
+        """Load the repository, then take front-ends until SIGTERM (or `stop`, for an engine on a
+        thread of a process that has other uses for its signals); `ready(versions)` once loaded."""
         loop = self._loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.rescan()))
+        if stop is None:
+            stop = asyncio.Event()
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.in_background(self.rescan()))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # a killed engine's
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

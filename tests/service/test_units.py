@@ -218,3 +218,13 @@ def test_one_bearer_token_rule_for_every_door():
     assert not token.admits("Bearer other") and not token.admits(None) and not token.admits("s3cret")
     anyone = BearerToken("")
     assert not anyone.required and anyone.admits(None) and anyone.admits("Bearer whatever")
+
+
+def test_the_benchmarks_session_is_the_servers_by_default():
+    """The benchmark opens its in-process session with SessionSettings() (it does not import the
+    server): the defaults must be `convserve serve`'s."""
+    from convserve.sessions import SessionSettings
+
+    assert settings_module.Settings().session_settings() == SessionSettings()
+    chosen = settings_module.Settings(providers="cuda,cpu", instances=3, intra_op_spinning="on")
+    assert chosen.session_settings() == SessionSettings(providers=("cuda", "cpu"), instances=3, intra_op_spinning="on")

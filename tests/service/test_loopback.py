@@ -1,0 +1,162 @@
+"""The core both doors call, in this process (service/loopback.py: the engine and a front-end on
+threads, linked as under `convserve serve`): each door's answer is the core's data in its own wire
+format, a call through either door is recorded the same, and errors map to each door's table."""
+
+import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+
+from convserve.client import Client, build_request
+from convserve.ports import free_ports
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import model_config_pb2 as mc
+from convserve.service.errors import InvalidInput, ShuttingDown
+from convserve.service.frontend.core import ServerState
+from convserve.service.loopback import Loopback
+from convserve.service.settings import Settings
+from convserve.wire import output_array
+
+X = np.random.default_rng(11).standard_normal((3, 1, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    _, folder = trained
+    repository = tmp_path_factory.mktemp("loopback") / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    grpc_port, http_port = free_ports(2)
+    settings = Settings(repository=str(repository), host="127.0.0.1", http_port=http_port, grace_period=5.0)
+    with Loopback(settings, grpc_port) as loopback:
+        loopback.http = f"http://127.0.0.1:{http_port}"
+        yield loopback
+
+
+def _http(served, path, body=None, headers=None):
+    request = urllib.request.Request(served.http + path, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read(), dict(answer.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def test_both_doors_answer_the_same_inference_bit_for_bit(served):
+    outputs = ["logits", "probabilities", "conv1"]
+    with Client(served.url) as client:
+        answer = client.infer("digits", array=X, outputs=outputs)
+    by_grpc = {name: output_array(answer, name) for name in outputs}
+    header = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": list(X.shape), "parameters": {}}],
+        "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs],
+    }
+    header["inputs"][0]["parameters"]["binary_data_size"] = X.nbytes
+    text = json.dumps(header).encode()
+    status, body, headers = _http(
+        served, "/v2/models/digits/infer", text + X.tobytes(), {"Inference-Header-Content-Length": str(len(text))}
+    )
+    assert status == 200, body[:300]
+    length = int(headers["Inference-Header-Content-Length"])
+    meta, offset = json.loads(body[:length]), length
+    for tensor in meta["outputs"]:
+        size = tensor["parameters"]["binary_data_size"]
+        got = np.frombuffer(body[offset : offset + size], "<f4").reshape(tensor["shape"])
+        offset += size
+        assert np.array_equal(got, by_grpc[tensor["name"]]), tensor["name"]
+    # JSON numbers: the same values
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(X.shape), "data": X.ravel().tolist()}]}
+    status, body, _ = _http(served, "/v2/models/digits/infer", json.dumps(header).encode())
+    logits = next(o for o in json.loads(body)["outputs"] if o["name"] == "logits")
+    assert np.array_equal(np.asarray(logits["data"], np.float32).reshape(3, 10), by_grpc["logits"])
+
+
+def test_each_doors_metadata_config_and_statistics_are_the_cores_data(served):
+    core = served.core
+    with Client(served.url) as client:
+        stub = client.stub
+        grpc_metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
+        grpc_config = stub.ModelConfig(pb.ModelConfigRequest(name="digits")).config
+        grpc_statistics = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
+    status, body, _ = _http(served, "/v2/models/digits")
+    assert status == 200 and json.loads(body) == core.model_metadata("digits")
+    # the HTTP door's JSON, read as gRPC's message, is the gRPC door's answer
+    assert json_format.ParseDict(json.loads(body), pb.ModelMetadataResponse()) == grpc_metadata
+    status, body, _ = _http(served, "/v2/models/digits/config")
+    config = json.loads(body)
+    assert config == core.model_config("digits") and config["max_batch_size"] == 32
+    assert json_format.ParseDict(config, mc.ModelConfig()) == grpc_config
+    status, body, _ = _http(served, "/v2/models/digits/stats")
+    http_statistics = json_format.ParseDict(json.loads(body), pb.ModelStatisticsResponse())
+    assert http_statistics == grpc_statistics  # no inference between the two: the same counts
+
+
+def test_a_call_through_either_door_is_recorded_once_under_its_v2_name(served):
+    from prometheus_client import generate_latest
+
+    def count(method):
+        text = generate_latest(served.frontend.metrics.registry).decode()
+        found = re.search(rf'^convserve_requests_total{{[^}}]*method="{method}"[^}}]*}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = count("ModelMetadata")
+    with Client(served.url) as client:
+        client.stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
+    _http(served, "/v2/models/digits")
+    assert count("ModelMetadata") == before + 2
+
+
+def test_errors_map_to_each_doors_table(served):
+    with pytest.raises(InvalidInput):
+        served.core.model_ready("digits", "first")
+    with Client(served.url) as client, pytest.raises(grpc.RpcError) as failed:
+        client.stub.ModelReady(pb.ModelReadyRequest(name="digits", version="first"))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, body, _ = _http(served, "/v2/models/digits/versions/first/ready")
+    assert status == 400 and "invalid model version" in json.loads(body)["error"]
+    wrong = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
+    status, body, _ = _http(served, "/v2/models/digits/infer", json.dumps(wrong).encode())
+    assert status == 400 and json.loads(body)["error"].startswith("input 'input' must be [N, 1, 32, 32]")
+    status, body, _ = _http(served, "/v2/models/nothing_here/infer", json.dumps(wrong).encode())
+    assert status == 404
+    assert served.core.model_ready("nothing_here") is False
+
+
+def test_a_stopping_core_refuses_inference_at_both_doors_and_still_answers_health(served):
+    frontend = served.frontend
+    frontend.state = ServerState.STOPPING
+    try:
+        with pytest.raises(ShuttingDown), served.core.inference("ModelInfer", "digits"):
+            pass
+        with Client(served.url) as client:
+            with pytest.raises(grpc.RpcError) as failed:
+                client.stub.ModelInfer(build_request("digits", array=X[:1]))
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert client.stub.ServerLive(pb.ServerLiveRequest()).live
+        header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}]}
+        status, body, _ = _http(served, "/v2/models/digits/infer", json.dumps(header).encode())
+        assert status == 503 and "shutting down" in json.loads(body)["error"]
+        assert _http(served, "/v2/health/ready")[0] == 400 and _http(served, "/v2/health/live")[0] == 200
+    finally:
+        frontend.state = ServerState.READY
+
+
+def test_the_core_answers_directly_without_a_door(served):
+    core = served.core
+    assert core.live() and core.ready()
+    index = served.call(core.repository_index(ready=True))
+    assert [(m["name"], m["state"]) for m in index] == [("digits", "READY")]
+    assert core.server_metadata()["name"] == "convserve"
+    filters = served.call(core.layer_filters("digits", "", "conv1"))
+    out, inputs, kh, kw = filters["shape"]
+    assert len(filters["weights"]) == out * inputs * kh * kw * 4
+    settings = core.log_settings({})
+    assert settings["log_format"] == "default"
+    with pytest.raises(InvalidInput, match="wrong type"):
+        core.log_settings({"log_info": 1})
