@@ -314,3 +314,21 @@ def test_a_message_travels_as_a_plain_tuple_and_arrives_at_its_handler():
     assert ipc.dispatch({ipc.Kind.DONE: lambda *fields: got.append(ipc.Done(*fields))}, wire)
     assert got == [message]
     assert not ipc.dispatch({}, wire)  # a kind this side does not take: logged, not raised
+
+
+def test_the_readmes_layout_names_every_module():
+    """README's Layout is one line per module: a module added or moved without it fails here."""
+    import fnmatch
+
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        text = handle.read()
+    layout = text[text.index("## Layout") : text.index("\n## ", text.index("## Layout") + 1)]
+    listed = set(re.findall(r"[\w*]+\.py", layout))
+    missing = [
+        os.path.relpath(path, ROOT)
+        for module, path in _modules().items()
+        if not path.endswith("__init__.py") and not any(fnmatch.fnmatch(os.path.basename(path), t) for t in listed)
+    ]
+    assert not missing, missing
+    for folder in ("frontend/grpc/", "frontend/http/", "engine/", "cli/", "zoo/"):
+        assert folder.rsplit("/", 2)[-2] + "/" in layout, folder
