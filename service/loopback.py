@@ -67,6 +67,12 @@ class Loopback:
         assert self.frontend is not None, "not started"
         return self.frontend.core
 
+    @property
+    def frontend_loop(self) -> asyncio.AbstractEventLoop:
+        """The front-end's event loop (both doors and the core run on it)."""
+        assert self._frontend_thread is not None, "not started"
+        return self._frontend_thread.loop
+
     def call(self, work: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         """Run a coroutine on the front-end's loop (a core call, say) and return what it returns."""
         assert self._frontend_thread is not None, "not started"

@@ -1,5 +1,10 @@
-"""A real convserve server in a subprocess, on free ports, serving the session's trained model."""
+"""A real convserve server on free ports, serving the session's trained model: in a subprocess
+(`RunningServer`: `convserve serve` itself, supervisor and all), or in this process
+(`InProcessServer`: the same engine and front-end, on threads) for tests that need no process
+boundary: no signals, no restarts, no supervisor's /metrics, no second front-end."""
 
+import argparse
+import logging
 import os
 import shutil
 import signal
@@ -11,7 +16,7 @@ import pytest
 from convserve.ports import free_port, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-__all__ = ["ROOT", "RunningServer", "free_port"]  # the tests import free_port from here too
+__all__ = ["ROOT", "InProcessServer", "RunningServer", "free_port"]  # the tests import free_port from here too
 
 
 class RunningServer:
@@ -76,6 +81,67 @@ class RunningServer:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+class InProcessServer:
+    """`RunningServer`'s interface over service/loopback.py: the flags are `convserve serve`'s (with
+    CONVSERVE_* variables from `env` only), the log is what the server's loggers said. It starts in
+    well under a second; `stop` drains as SIGTERM would and returns 0."""
+
+    def __init__(self, repository, *extra, env=None, wait=True, tls=None):
+        from convserve.cli.base import add_flags
+        from convserve.service.loopback import Loopback
+        from convserve.service.settings import Settings, from_sources
+
+        self.tls = tls
+        self.repository = str(repository)
+        self.port, self.http_port = free_ports(2)
+        self.url = f"127.0.0.1:{self.port}"
+        parser = argparse.ArgumentParser()
+        add_flags(parser, Settings)
+        flags = ["--repository", self.repository, "--host", "127.0.0.1", "--http-port", str(self.http_port), *extra]
+        settings = from_sources(parser.parse_args(flags), environ=env or {})
+        self._lines: list[str] = []
+        self._handler = _Lines(self._lines)
+        logger = logging.getLogger("convserve")
+        self._level = logger.level
+        logger.setLevel(logging.getLevelName(settings.log_level.upper()))  # as `convserve serve` sets it
+        logger.addHandler(self._handler)
+        self.loopback = Loopback(settings, self.port)
+        try:
+            self.loopback.start()
+            if wait:
+                self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout=60):
+        from convserve.client import wait_until_ready
+
+        wait_until_ready(self.url, None, timeout, tls=self.tls)
+
+    def output(self) -> str:
+        return "\n".join(self._lines)[-4000:]
+
+    def stop(self) -> int:
+        try:
+            self.loopback.stop()
+        finally:
+            logger = logging.getLogger("convserve")
+            logger.removeHandler(self._handler)
+            logger.setLevel(self._level)
+        return 0
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 @pytest.fixture(scope="session")

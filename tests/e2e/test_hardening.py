@@ -21,7 +21,7 @@ from convserve.models.export import export_checkpoint
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.wire import serialize_bytes
 
-from .conftest import RunningServer, repository_index
+from .conftest import InProcessServer, RunningServer, repository_index
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -282,7 +282,7 @@ runpy.run_module("convserve", run_name="__main__")
         folder = own_repository / "killed" / str(version)
         card = ModelCard.read(str(folder))
         assert hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest() == card.sha256
-    server = RunningServer(own_repository)
+    server = InProcessServer(own_repository)
     try:
         with Client(server.url) as client:
             rows = repository_index(client)

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from .conftest import RunningServer
+from .conftest import InProcessServer
 
 X = np.random.default_rng(3).standard_normal((2, 1, 32, 32)).astype(np.float32)
 
@@ -103,7 +103,7 @@ def test_health_metadata_config_statistics_and_repository(server):
 
 
 def test_load_unload_over_http(own_repository):
-    server = RunningServer(own_repository)
+    server = InProcessServer(own_repository)
     try:
         client = _http(server)
         client.unload_model("digits")
@@ -154,7 +154,7 @@ def test_errors_have_tritons_http_codes_and_v2_bodies(server):
 
 
 def test_the_token_guards_http_but_health(own_repository):
-    server = RunningServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
+    server = InProcessServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
     try:
         client = _http(server)
         import time
@@ -217,7 +217,7 @@ def test_a_full_queue_is_429_over_http(own_repository):
 
     import aiohttp
 
-    server = RunningServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
+    server = InProcessServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
     url = f"http://127.0.0.1:{server.http_port}/v2/models/digits/infer"
     body = json.dumps(
         {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": X[0].ravel().tolist()}]}

@@ -14,7 +14,7 @@ from convserve.client import Client, build_request
 from convserve.models.export import export_checkpoint
 from convserve.proto import grpc_service_pb2 as pb
 
-from .conftest import RunningServer, repository_index
+from .conftest import InProcessServer, RunningServer, repository_index
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -30,7 +30,7 @@ def _wait_for(predicate, timeout=30.0):
 
 def test_new_version_served_without_restart_and_corrupt_one_refused(trained, own_repository):
     result, _ = trained
-    server = RunningServer(own_repository, "--poll-interval", "0.3")
+    server = InProcessServer(own_repository, "--poll-interval", "0.3")
     try:
         with Client(server.url) as client:
             assert client.infer("digits", array=X).model_version == "1"
@@ -115,7 +115,7 @@ def test_without_strict_readiness_a_failed_model_is_unavailable_and_the_server_r
     broken = own_repository / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.json").write_text("{not json")
-    server = RunningServer(own_repository, "--strict-readiness", "0")
+    server = InProcessServer(own_repository, "--strict-readiness", "0")
     try:
         with Client(server.url) as client:
             assert client.stub.ServerReady(pb.ServerReadyRequest()).ready
@@ -170,7 +170,7 @@ def test_sigterm_under_load_answers_every_accepted_request(own_repository):
 
 
 def test_a_full_queue_answers_resource_exhausted_and_serving_goes_on(own_repository):
-    server = RunningServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
+    server = InProcessServer(own_repository, "--max-queue-size", "1", "--max-batch-size", "1")
     try:
         with Client(server.url) as client:
             request = build_request("digits", array=np.zeros((1, 1, 32, 32), np.float32))
@@ -192,7 +192,7 @@ def test_auth_token_guards_every_rpc_but_health(own_repository):
     import tritonclient.grpc as triton
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    server = RunningServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
+    server = InProcessServer(own_repository, env={"CONVSERVE_AUTH_TOKEN": "s3cret"}, wait=False)
     try:
         with grpc.insecure_channel(server.url) as channel:  # health needs no token: probes use it
             health = health_pb2_grpc.HealthStub(channel)
@@ -236,7 +236,7 @@ def test_auth_token_guards_every_rpc_but_health(own_repository):
 
 
 def test_concurrent_loads_and_unloads_of_a_good_model_never_fail(own_repository):
-    server = RunningServer(own_repository)
+    server = InProcessServer(own_repository)
     failures: list[str] = []
 
     def toggle() -> None:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client import Client, Tls
 
-from .conftest import RunningServer
+from .conftest import InProcessServer, RunningServer
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 
@@ -74,7 +74,7 @@ def pki(tmp_path_factory):
 
 def test_tls_serves_our_client_the_cli_and_tritonclient_and_refuses_plain_text(own_repository, pki):
     tls = Tls(ca=pki["ca.pem"])
-    server = RunningServer(own_repository, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], tls=tls)
+    server = InProcessServer(own_repository, "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], tls=tls)
     try:
         with Client(server.url, tls=tls) as client:
             assert client.infer("digits", array=X).model_version == "1"
@@ -111,7 +111,7 @@ def test_tls_serves_our_client_the_cli_and_tritonclient_and_refuses_plain_text(o
 
 def test_mutual_tls_needs_a_client_certificate(own_repository, pki):
     tls = Tls(ca=pki["ca.pem"], cert=pki["client.pem"], key=pki["client.key"])
-    server = RunningServer(
+    server = InProcessServer(
         own_repository,
         "--tls-cert",
         pki["server.pem"],

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client import Client, build_request
 
-from .conftest import RunningServer
+from .conftest import InProcessServer
 
 X = np.zeros((1, 1, 32, 32), np.float32)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,7 +49,7 @@ def test_the_request_timeout_parameter_is_ignored_unless_the_queue_policy_allows
     request.parameters["timeout"].int64_param = 10  # microseconds: already over when it is queued
     with Client(server.url) as client:
         assert client.stub.ModelInfer(request, timeout=30).outputs  # Triton's default: ignored
-    allowing = RunningServer(own_repository, "--allow-timeout-override", "1")
+    allowing = InProcessServer(own_repository, "--allow-timeout-override", "1")
     try:
         with Client(allowing.url) as client:
             try:
