@@ -1,9 +1,14 @@
-"""The command line: JSON output, and bad input as one line on stderr with exit code 2."""
+"""The command line: JSON output, and bad input as one line on stderr with exit code 2.
 
+The commands run in this process (`convserve.cli.main`, what `python -m convserve` calls: a test in
+test_architecture runs that entry point itself), their output captured: a subprocess would spend
+seconds importing torch for each line of input checked."""
+
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,15 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def convserve(*args, cwd=None):
-    env = dict(os.environ)
-    return subprocess.run(
-        [sys.executable, "-m", "convserve", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=env,
-        timeout=300,
-    )
+    """Run `convserve ARGS` as the command would: its exit code, stdout and stderr."""
+    from convserve.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or ROOT):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors, and --help
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_arithmetic_alexnet_json():
