@@ -86,8 +86,11 @@ class InferResult:
     parameters: dict[str, int | str]  # the request's own metrics (queue_us, compute_us, ...)
 
 
+INT64_MAX = 2**63 - 1  # every integer parameter fits V2's int64 (JSON numbers may not)
+
+
 def _unsigned(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX
 
 
 def shm_ref(parameters: Parameters, what: str) -> Optional[ShmRef]:

@@ -160,3 +160,29 @@ def test_the_core_answers_directly_without_a_door(served):
     assert settings["log_format"] == "default"
     with pytest.raises(InvalidInput, match="wrong type"):
         core.log_settings({"log_info": 1})
+
+
+def test_malformed_http_bodies_are_400s_with_a_message(served):
+    """What a hostile probe found answered 500 (issue 27): each is the client's mistake."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    infer = "/v2/models/digits/infer"
+    good = {"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}
+    cases = [
+        (infer, deep, {}),
+        (infer, json.dumps({"inputs": [{**good, "data": "DEEP"}]}).encode().replace(b'"DEEP"', deep), {}),
+        ("/v2/repository/index", deep, {}),
+        (infer, json.dumps({"inputs": [good]}).encode(), {"Inference-Header-Content-Length": "²"}),
+        (
+            infer,
+            json.dumps(
+                {"inputs": [good], "outputs": [{"name": "logits", "parameters": {"classification": 2**64}}]}
+            ).encode(),
+            {},
+        ),
+        (infer, json.dumps({"inputs": [good], "parameters": {"priority": 2**63}}).encode(), {}),
+    ]
+    for path, body, headers in cases:
+        status, answer, _ = _http(served, path, body, headers)
+        assert status == 400, (path, headers, status, answer[:200])
+        assert json.loads(answer)["error"], answer[:200]
+    assert served.core.ready()  # and serving goes on

@@ -183,7 +183,7 @@ class HttpDoor:
             body = await _body(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None:
-                if not length.isdigit() or int(length) > len(body):
+                if not (length.isascii() and length.isdigit()) or int(length) > len(body):  # '²' is a digit
                     raise InvalidInput(f"{HEADER_LENGTH} {length[:32]!r} does not fit the body of {len(body)} bytes")
                 split = int(length)
             else:
@@ -261,3 +261,5 @@ async def _json(data: bytes) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("the request's JSON does not parse") from None
+    except RecursionError:  # nesting deeper than Python's parser follows
+        raise InvalidInput("the request's JSON is nested too deep") from None
