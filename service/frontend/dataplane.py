@@ -91,7 +91,10 @@ class DataPlane:
             queue_ns, compute_ns, batch_size = await future
         except asyncio.CancelledError:
             outcome.queued = True
-            self.engine.cancel(rid)  # the link frees the block once the engine lets go of it
+            if future.cancelled():  # still out when cancelled: the link frees the block once the engine lets go
+                self.engine.cancel(rid)
+            elif block is not None:  # its answer came just before the cancellation (a short deadline makes
+                self.arena.free(block)  # that common): the link handed it over, so nobody else frees it
             raise
         except BaseException as exc:
             outcome.queued = getattr(exc, "queued", False)

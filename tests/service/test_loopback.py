@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 
@@ -186,3 +187,38 @@ def test_malformed_http_bodies_are_400s_with_a_message(served):
         assert status == 400, (path, headers, status, answer[:200])
         assert json.loads(answer)["error"], answer[:200]
     assert served.core.ready()  # and serving goes on
+
+
+def test_every_arena_block_comes_back_whatever_happens_to_its_request(served):
+    """Issue 27's fault 1: requests cut short by their deadline at any moment (before the engine,
+    in its queue, or after it answered but before the answer was read) leave no block behind."""
+    import asyncio
+
+    from convserve.client import AsyncClient
+
+    arena = served.frontend.arena
+    request_outputs = ["logits", "conv1", "conv2", "conv3", "conv4", "conv5"]
+
+    async def hammer():
+        async with AsyncClient(served.url) as client:
+
+            async def one(deadline):
+                try:
+                    await client.infer("digits", array=X[:1], outputs=request_outputs, timeout=deadline)
+                except grpc.RpcError as exc:
+                    assert exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), exc
+
+            for turn in range(100):  # eight at a time, deadlines of 1 to 30 ms: around the latency
+                await asyncio.gather(*(one(0.001 * (1 + (i + turn) % 30)) for i in range(8)))
+
+    asyncio.run(hammer())
+
+    async def used():
+        return arena.used_bytes
+
+    deadline = time.monotonic() + 10
+    while served.call(used()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert served.call(used()) == 0
+    with Client(served.url) as client:  # and the arena serves the next request
+        assert client.infer("digits", array=X, outputs=request_outputs).outputs
