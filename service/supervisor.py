@@ -303,18 +303,18 @@ class Supervisor:
                 self.engine.join()
 
     def _check_ports(self) -> None:
-        """StartupError for the first port another program holds (the front-ends share theirs with
-        SO_REUSEPORT, as here, so only a stranger's socket refuses the bind)."""
+        """StartupError for the first port anything holds, before any front-end listens. The probe does
+        not set SO_REUSEPORT: this server's front-ends share their ports with it, but a second server
+        (another convserve's front-ends hold theirs with it too) must not join them and get half the
+        connections, so a port held that way refuses the probe as any other does (as Triton refuses)."""
         s = self.settings
-        ports = [(self.port, "gRPC", "grpc_port", s.host, True), (s.http_port, "HTTP", "http_port", s.host, True)]
-        ports.append((s.metrics_port, "metrics", "metrics_port", s.metrics_host or s.host, False))
-        for port, door, setting, host, shared in ports:
+        ports = [(self.port, "gRPC", "grpc_port", s.host), (s.http_port, "HTTP", "http_port", s.host)]
+        ports.append((s.metrics_port, "metrics", "metrics_port", s.metrics_host or s.host))
+        for port, door, setting, host in ports:
             if not port:
                 continue
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if shared:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT left by a stopped one
                 try:
                     probe.bind((host, port))
                 except OSError as exc:

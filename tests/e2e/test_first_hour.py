@@ -22,15 +22,20 @@ def _serve(repository, *flags, timeout=60):
 
 
 @pytest.mark.parametrize(
-    "busy, door, flag, variable",
+    "busy, door, flag, variable, shared",
     [
-        ("--http-port", "HTTP", "--http-port", "CONVSERVE_HTTP_PORT"),
-        ("--grpc-port", "gRPC", "--grpc-port", "CONVSERVE_GRPC_PORT"),
-        ("--metrics-port", "metrics", "--metrics-port", "CONVSERVE_METRICS_PORT"),
+        ("--http-port", "HTTP", "--http-port", "CONVSERVE_HTTP_PORT", False),
+        ("--grpc-port", "gRPC", "--grpc-port", "CONVSERVE_GRPC_PORT", False),
+        ("--metrics-port", "metrics", "--metrics-port", "CONVSERVE_METRICS_PORT", False),
+        # another convserve's front-ends hold theirs with SO_REUSEPORT: a second server must not join them
+        ("--grpc-port", "gRPC", "--grpc-port", "CONVSERVE_GRPC_PORT", True),
+        ("--http-port", "HTTP", "--http-port", "CONVSERVE_HTTP_PORT", True),
     ],
 )
-def test_a_port_in_use_is_one_line_naming_the_flag_that_moves_it(served_repository, busy, door, flag, variable):
-    with socket.socket() as holder:  # another program's socket: no SO_REUSEPORT
+def test_a_port_in_use_is_one_line_naming_the_flag_that_moves_it(served_repository, busy, door, flag, variable, shared):
+    with socket.socket() as holder:  # another program's socket, or another server's front-end's
+        if shared:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
