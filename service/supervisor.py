@@ -139,7 +139,10 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.engine: Any = None
         self.frontends: list[Any] = [None] * self.count
+        self.starting: dict[int, Any] = {}  # front-end index -> its ready pipe, until it has said it listens
+        self.serving = False  # every front-end has listened once: the serving lines are out
         self.stopping = 0  # signals received
+        self.versions = 0  # model versions the engine loaded at start
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._signals: list[int] = []
@@ -182,13 +185,13 @@ class Supervisor:
         log.info("engine pid %d ready: %d model version(s)", self.engine.pid, versions)
         return versions
 
-    def start_frontend(self, index: int, wait: bool = True) -> None:
+    def start_frontend(self, index: int) -> None:
+        """Spawn front-end `index`; the watch loop hears when it listens (or why it cannot)."""
         process, ready = self._spawn(
             f"frontend-{index}", _frontend_target, self.socket_path, self.port, index, self.count
         )
         self.frontends[index] = process
-        if wait:
-            self._await_ready(process, ready, f"front-end {index}")
+        self.starting[index] = ready
 
     # ---- signals ---------------------------------------------------------------------------------
 
@@ -228,10 +231,9 @@ class Supervisor:
             self._check_ports()  # before anything loads: a port in use is one line, at once
             if self.settings.metrics_port:  # first: it answers (model_ready 0) while the models load
                 metrics_server = self._serve_metrics()
-            versions = self.start_engine()
-            for index in range(self.count):
+            self.versions = self.start_engine()
+            for index in range(self.count):  # all at once: the watch loop supervises their start too
                 self.start_frontend(index)
-            print(serving_lines(self.settings, self.port, self.count, versions), flush=True)
             self._watch()
             return 0
         except StartupError as exc:
@@ -249,15 +251,18 @@ class Supervisor:
                 log.info("stopped")
 
     def _watch(self) -> None:
-        """Until a stopping signal: restart whatever dies."""
+        """Until a stopping signal: restart whatever dies, in every phase, the front-ends' start
+        included (an engine killed while a front-end waits for it is restarted like any other), and
+        say the serving lines once every front-end has listened."""
         while not self.stopping:
             sentinels = [p.sentinel for p in [self.engine, *self.frontends] if p is not None]
-            multiprocessing.connection.wait([*sentinels, self._wake_r], timeout=1.0)
+            multiprocessing.connection.wait([*sentinels, *self.starting.values(), self._wake_r], timeout=1.0)
             with contextlib.suppress(BlockingIOError):
                 self._wake_r.recv(64)
             self._handle_signals()
             if self.stopping:
                 return
+            self._heard_from_starting()
             if not self.engine.is_alive():
                 log.error("the engine (pid %d) exited with %s: restarting it", self.engine.pid, self.engine.exitcode)
                 self._dead(self.engine)
@@ -268,11 +273,33 @@ class Supervisor:
                     time.sleep(1.0)
             for index, process in enumerate(self.frontends):
                 if process is not None and not process.is_alive():
+                    if not self.serving and index in self.starting:  # a fault of its own, not of the engine's
+                        raise RuntimeError(f"front-end {index} exited with {process.exitcode} while starting")
                     log.error(
                         "front-end %d (pid %d) exited with %s: restarting it", index, process.pid, process.exitcode
                     )
                     self._dead(process)
-                    self.start_frontend(index, wait=False)
+                    self.starting.pop(index, None)
+                    self.start_frontend(index)
+
+    def _heard_from_starting(self) -> None:
+        """Front-ends that said they listen (or why they cannot: at the first start, the server stops
+        with that one line; a restarted one's reason is logged and it is tried again when it exits)."""
+        for index, ready in list(self.starting.items()):
+            if not ready.poll():
+                continue
+            del self.starting[index]
+            try:
+                answer = ready.recv()
+            except EOFError:  # it died without a word: the loop restarts it
+                continue
+            if isinstance(answer, StartupError):
+                if not self.serving:
+                    raise answer
+                log.error("front-end %d cannot start: %s", index, answer)
+        if not self.serving and not self.starting and all(p is not None for p in self.frontends):
+            self.serving = True
+            print(serving_lines(self.settings, self.port, self.count, self.versions), flush=True)
 
     def _dead(self, process: Any) -> None:
         from prometheus_client import multiprocess

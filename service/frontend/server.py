@@ -214,7 +214,16 @@ async def serve(settings: Settings, socket_path: str, port: int, index: int, cou
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        await frontend.start()
+        # SIGTERM while starting (waiting for an engine that is not there yet, say) stops it at once
+        starting, stopping = asyncio.ensure_future(frontend.start()), asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        stopping.cancel()
+        starting.result()  # a StartupError, raised
         if ready is not None:
             ready()
         await stop.wait()

@@ -199,3 +199,28 @@ def test_kill_9_of_the_supervisor_leaves_nothing_listening(served_repository):
     finally:
         assert again.stop() == 0, again.output()
     assert not [e for e in os.listdir(tempfile.gettempdir()) if e.startswith(f"convserve-run-{again.process.pid}-")]
+
+
+def test_an_engine_killed_while_the_front_ends_start_is_restarted_and_the_server_serves(served_repository):
+    """Issue 27's fault 3: supervision works while the front-ends start. The engine is killed the
+    moment it has loaded, while both front-ends wait to connect to it: a new engine comes, both
+    front-ends connect to it, the serving lines come out, and SIGTERM ends it all."""
+    server = RunningServer(served_repository, "--frontends", "2", wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not (loaded := re.search(r"engine pid (\d+) ready", server.output())):
+            assert time.monotonic() < deadline and server.process.poll() is None, server.output()
+            time.sleep(0.01)
+        os.kill(int(loaded.group(1)), signal.SIGKILL)
+        killed = time.monotonic()
+        server.wait_ready(timeout=30)
+        assert time.monotonic() - killed < 10, server.output()
+        channels = _channels_on_each_frontend(server.url, 2)
+        for channel in channels.values():
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(build_request("digits", array=X), timeout=30).outputs
+        log = server.output()
+        assert "restarting it" in log and len(re.findall(r"engine pid \d+ ready", log)) == 2, log
+        assert log.count("convserve: serving") == 1, log
+    finally:
+        assert server.stop() == 0, server.output()
