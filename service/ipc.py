@@ -50,6 +50,7 @@ class Kind(enum.IntEnum):
     REPLY = 13
     REFUSED = 14
     MODELS = 15
+    BEAT = 16
 
 
 class Infer(NamedTuple):
@@ -134,7 +135,16 @@ class Models(NamedTuple):
     table: dict
 
 
-Message = Union[Infer, Cancel, Stat, Call, Seen, Done, Failed, Reply, Refused, Models]
+class Beat(NamedTuple):
+    """The engine is alive and its threads run (every BEAT_SECONDS): a front-end that hears none for
+    a while says NOT_SERVING (a frozen engine keeps its socket open, so only silence tells)."""
+
+    at: float  # the engine's time.monotonic()
+
+
+BEAT_SECONDS = 0.25
+
+Message = Union[Infer, Cancel, Stat, Call, Seen, Done, Failed, Reply, Refused, Models, Beat]
 TO_ENGINE: dict[Kind, type] = {
     Kind.INFER: Infer,
     Kind.CANCEL: Cancel,
@@ -148,6 +158,7 @@ TO_FRONTEND: dict[Kind, type] = {
     Kind.REPLY: Reply,
     Kind.REFUSED: Refused,
     Kind.MODELS: Models,
+    Kind.BEAT: Beat,
 }
 KIND_OF: dict[type, Kind] = {cls: kind for kind, cls in {**TO_ENGINE, **TO_FRONTEND}.items()}
 # the kind as it travels: a plain int (an enum member pickles as its class), looked up once per message

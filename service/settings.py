@@ -63,6 +63,11 @@ class Settings:
         "1: a request's `timeout` parameter (microseconds) bounds its time in the queue, as Triton's queue "
         "policy allow_timeout_override; 0 (Triton's default): ignored, the gRPC deadline still applies",
     )
+    http_request_timeout: float = _opt(
+        60.0,
+        "seconds an HTTP/REST inference may take at most, its queue included (HTTP carries no deadline; gRPC "
+        "requests bring their own); past it 504. 0: none",
+    )
     max_health_watches: int = _opt(
         64, "health Watch streams each front-end keeps open at once (health needs no token); past it RESOURCE_EXHAUSTED"
     )
@@ -116,7 +121,8 @@ class Settings:
     def validate(self) -> Settings:
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
-        if self.max_queue_delay_ms < 0 or self.poll_interval < 0 or self.grace_period < 0:
+        delays = (self.max_queue_delay_ms, self.poll_interval, self.grace_period, self.http_request_timeout)
+        if min(delays) < 0:
             raise ValueError("delays, intervals and grace periods cannot be negative")
         if min(self.max_image_bytes, self.max_image_pixels, self.max_message_bytes) < 0 or not self.image_format_list():
             raise ValueError("limits cannot be negative (0: derived), and at least one image format must be accepted")

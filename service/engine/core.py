@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -27,7 +28,9 @@ from convserve.wire import DTYPES
 
 from ..errors import InvalidInput, ServingError, Unimplemented, status_of
 from ..ipc import (
+    BEAT_SECONDS,
     Arena,
+    Beat,
     BlockingLink,
     Done,
     Failed,
@@ -364,12 +367,15 @@ class Engine:
         for model in self.registry.ready_models():
             log.info("serving %s version %d (%s)", model.name, model.version, model.execution_provider)
         tasks = [asyncio.create_task(self._accept(listener)), asyncio.create_task(self._refresh_metrics())]
+        beating = threading.Event()
+        threading.Thread(target=self._beat, args=(beating,), name="heartbeat", daemon=True).start()
         if self.settings.poll_interval:
             tasks.append(asyncio.create_task(self._poll()))
         ready(len(self.registry.ready_models()))
         try:
             await stop.wait()
         finally:
+            beating.set()
             for task in tasks:
                 task.cancel()
             listener.close()
@@ -377,6 +383,14 @@ class Engine:
             for frontend in list(self.frontends):
                 frontend.link.close()
             self.shm.close()
+
+    def _beat(self, stop: threading.Event) -> None:
+        """Tell every front-end, every BEAT_SECONDS, that this process runs: from a thread of its own,
+        so that neither a blocked send nor a busy event loop holds it up."""
+        while not stop.wait(BEAT_SECONDS):
+            beat: list[Message] = [Beat(time.monotonic())]
+            for frontend in list(self.frontends):
+                frontend.link.send(beat)
 
     async def _poll(self) -> None:
         while True:

@@ -23,7 +23,7 @@ import numpy as np
 from convserve.contract import DEFAULT_OUTPUTS, INPUT_NAME
 from convserve.wire import serialize_bytes
 
-from ..errors import InvalidInput, QueueFull
+from ..errors import DeadlineExceeded, InvalidInput, QueueFull
 from ..ipc import ALIGN, Arena
 from .engine_link import EngineLink
 from .inference import InferRequest, InferResult, OutputTensor, RequestedOutput, read_input
@@ -88,13 +88,18 @@ class DataPlane:
             raise
         preprocessed = time.perf_counter_ns()
         try:
-            queue_ns, compute_ns, batch_size = await future
-        except asyncio.CancelledError:
+            if deadline is None:
+                queue_ns, compute_ns, batch_size = await future
+            else:  # kept here too: an engine that is frozen drops nothing from its queue
+                queue_ns, compute_ns, batch_size = await asyncio.wait_for(future, deadline - time.monotonic())
+        except (asyncio.CancelledError, asyncio.TimeoutError) as stopped:
             outcome.queued = True
             if future.cancelled():  # still out when cancelled: the link frees the block once the engine lets go
                 self.engine.cancel(rid)
             elif block is not None:  # its answer came just before the cancellation (a short deadline makes
                 self.arena.free(block)  # that common): the link handed it over, so nobody else frees it
+            if isinstance(stopped, asyncio.TimeoutError):
+                raise DeadlineExceeded("the deadline passed while the engine had the request") from None
             raise
         except BaseException as exc:
             outcome.queued = getattr(exc, "queued", False)

@@ -13,15 +13,18 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Optional
 
 from ..errors import EngineRefusal, EngineUnavailable
-from ..ipc import Arena, Call, Cancel, Handlers, Infer, Kind, Link, Seen, Stat, send_hello
+from ..ipc import BEAT_SECONDS, Arena, Call, Cancel, Handlers, Infer, Kind, Link, Seen, Stat, send_hello
 
 log = logging.getLogger("convserve.frontend")
 
 RETRY_SECONDS = 0.1
+# No heartbeat for this long: the engine is frozen (stopped, swapping, stuck): NOT_SERVING until it beats
+SILENT_SECONDS = 6 * BEAT_SECONDS
 
 
 class EngineLink:
@@ -55,22 +58,29 @@ class EngineLink:
             Kind.REPLY: self._reply,
             Kind.REFUSED: self._refused,
             Kind.MODELS: self._models,
+            Kind.BEAT: self._beat,
         }
+        self._heard = 0.0  # time.monotonic() of the engine's last heartbeat (or first table)
+        self._silent = False  # connected, but no heartbeat for SILENT_SECONDS
+        self._watchdog: Optional[asyncio.Task] = None
 
     @property
     def connected(self) -> bool:
-        return self._link is not None
+        """Linked to an engine that beats: what readiness and health follow."""
+        return self._link is not None and not self._silent
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+        self._watchdog = asyncio.create_task(self._watch())
 
     async def wait_connected(self, timeout: float) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def close(self) -> None:
         self._closing = True  # the front-end is stopping: losing the engine now is no news
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
         if self._link is not None:
             self._link.close()
 
@@ -141,6 +151,28 @@ class EngineLink:
                 self._lost(link)
             await asyncio.sleep(RETRY_SECONDS)
 
+    async def _watch(self) -> None:
+        """Says NOT_SERVING (through on_connected) when a linked engine stops beating, SERVING again
+        when it beats."""
+        while True:
+            await asyncio.sleep(BEAT_SECONDS)
+            if self._link is None or self._silent or time.monotonic() - self._heard < SILENT_SECONDS:
+                continue
+            self._silent = True
+            log.warning(
+                "front-end %d: no heartbeat from the engine for %.1f s: not ready until it beats again",
+                self.index,
+                time.monotonic() - self._heard,
+            )
+            self._on_connected(False)
+
+    def _beat(self, at: float) -> None:
+        self._heard = time.monotonic()
+        if self._silent:
+            self._silent = False
+            log.warning("front-end %d: the engine beats again", self.index)
+            self._on_connected(True)
+
     def _lost(self, link: Link) -> None:
         link.close()
         was = self._link is not None
@@ -201,6 +233,7 @@ class EngineLink:
         self._on_models(table)
         if self._link is None:  # the first table: connected
             self._link = self._pending_link
+            self._heard, self._silent = time.monotonic(), False
             self._connected.set()
             log.info("front-end %d connected to the engine", self.index)
             self._on_connected(True)

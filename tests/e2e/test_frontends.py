@@ -7,6 +7,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from multiprocessing import shared_memory
 
@@ -223,4 +224,54 @@ def test_an_engine_killed_while_the_front_ends_start_is_restarted_and_the_server
         assert "restarting it" in log and len(re.findall(r"engine pid \d+ ready", log)) == 2, log
         assert log.count("convserve: serving") == 1, log
     finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_a_frozen_engine_is_not_serving_within_2_s_and_http_requests_end_at_their_deadline(served_repository):
+    """Issue 27's fault 4: health follows the engine's heartbeat, not only its socket; an HTTP request,
+    which carries no deadline, gets the server's (--http-request-timeout)."""
+    import json
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = RunningServer(served_repository, "--frontends", "1", "--http-request-timeout", "2")
+    engine = _pids(server)["engine"]
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}]}
+    )
+
+    def http(path, data=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def health():
+        with grpc.insecure_channel(server.url) as channel:  # a fresh connection, as a probe makes
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+
+    def within(seconds, condition):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        assert health() == health_pb2.HealthCheckResponse.SERVING
+        os.kill(engine, signal.SIGSTOP)
+        assert within(2.0, lambda: health() == health_pb2.HealthCheckResponse.NOT_SERVING), server.output()
+        assert http("/v2/health/ready") == 400 and http("/v2/health/live") == 200
+        started = time.monotonic()
+        assert http("/v2/models/digits/infer", body.encode()) == 504
+        assert 1.5 < time.monotonic() - started < 5
+        os.kill(engine, signal.SIGCONT)
+        assert within(2.0, lambda: health() == health_pb2.HealthCheckResponse.SERVING), server.output()
+        assert http("/v2/models/digits/infer", body.encode()) == 200
+        assert "no heartbeat from the engine" in server.output()
+    finally:
+        os.kill(engine, signal.SIGCONT)
         assert server.stop() == 0, server.output()

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -179,7 +180,10 @@ class HttpDoor:
     async def _infer(self, request: web.Request) -> web.Response:
         core = self.core
         name, version = _named(request)
-        with core.inference("ModelInfer", name) as outcome:  # no deadline over HTTP (its `timeout` parameter counts)
+        # HTTP carries no deadline: the server gives one (its `timeout` parameter may shorten it)
+        timeout = core.settings.http_request_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        with core.inference("ModelInfer", name) as outcome:
             body = await _body(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None:
@@ -190,7 +194,7 @@ class HttpDoor:
                 split = len(body)
             header = await _json(body[:split])
             parsed = parse_infer_request(name, version, header, memoryview(body)[split:], core.settings.max_batch_size)
-            result = await core.infer(parsed, outcome, None)
+            result = await core.infer(parsed, outcome, deadline)
         data, json_length = infer_response(header, result)
         headers = {"Content-Type": "application/json" if json_length == len(data) else "application/octet-stream"}
         if json_length != len(data):
