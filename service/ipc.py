@@ -143,6 +143,8 @@ class Beat(NamedTuple):
 
 
 BEAT_SECONDS = 0.25
+# A serving front-end tells its supervisor the same, over its ready pipe: this, every BEAT_SECONDS
+FRONTEND_BEAT = "beat"
 
 Message = Union[Infer, Cancel, Stat, Call, Seen, Done, Failed, Reply, Refused, Models, Beat]
 TO_ENGINE: dict[Kind, type] = {

@@ -32,6 +32,7 @@ from typing import Any
 from convserve.ports import free_port
 
 from .errors import StartupError, port_in_use
+from .ipc import BEAT_SECONDS, FRONTEND_BEAT
 from .settings import Settings
 
 log = logging.getLogger("convserve")
@@ -40,7 +41,9 @@ RUN_PREFIX = "convserve-run-"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-_START_TIMEOUT = 600.0  # seconds for the engine to load the repository (a big model on a cold GPU)
+_START_TIMEOUT = 600.0
+# A serving front-end beats every BEAT_SECONDS; silent this long, it is killed and restarted
+FRONTEND_SILENT_SECONDS = 6 * BEAT_SECONDS  # seconds for the engine to load the repository (a big model on a cold GPU)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -139,7 +142,9 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.engine: Any = None
         self.frontends: list[Any] = [None] * self.count
-        self.starting: dict[int, Any] = {}  # front-end index -> its ready pipe, until it has said it listens
+        self.pipes: dict[int, Any] = {}  # front-end index -> its pipe: "listening" (or why not), then beats
+        self.starting: set[int] = set()  # front-ends that have not said they listen yet
+        self.heard: dict[int, float] = {}  # front-end index -> time.monotonic() of its last beat
         self.serving = False  # every front-end has listened once: the serving lines are out
         self.stopping = 0  # signals received
         self.versions = 0  # model versions the engine loaded at start
@@ -191,7 +196,8 @@ class Supervisor:
             f"frontend-{index}", _frontend_target, self.socket_path, self.port, index, self.count
         )
         self.frontends[index] = process
-        self.starting[index] = ready
+        self.pipes[index] = ready
+        self.starting.add(index)
 
     # ---- signals ---------------------------------------------------------------------------------
 
@@ -256,13 +262,13 @@ class Supervisor:
         say the serving lines once every front-end has listened."""
         while not self.stopping:
             sentinels = [p.sentinel for p in [self.engine, *self.frontends] if p is not None]
-            multiprocessing.connection.wait([*sentinels, *self.starting.values(), self._wake_r], timeout=1.0)
+            multiprocessing.connection.wait([*sentinels, *self.pipes.values(), self._wake_r], timeout=BEAT_SECONDS)
             with contextlib.suppress(BlockingIOError):
                 self._wake_r.recv(64)
             self._handle_signals()
             if self.stopping:
                 return
-            self._heard_from_starting()
+            self._hear_frontends()
             if not self.engine.is_alive():
                 log.error("the engine (pid %d) exited with %s: restarting it", self.engine.pid, self.engine.exitcode)
                 self._dead(self.engine)
@@ -279,24 +285,39 @@ class Supervisor:
                         "front-end %d (pid %d) exited with %s: restarting it", index, process.pid, process.exitcode
                     )
                     self._dead(process)
-                    self.starting.pop(index, None)
                     self.start_frontend(index)
 
-    def _heard_from_starting(self) -> None:
-        """Front-ends that said they listen (or why they cannot: at the first start, the server stops
-        with that one line; a restarted one's reason is logged and it is tried again when it exits)."""
-        for index, ready in list(self.starting.items()):
-            if not ready.poll():
-                continue
-            del self.starting[index]
+    def _hear_frontends(self) -> None:
+        """What the front-ends said: that they listen (or why they cannot: at the first start, the
+        server stops with that one line; a restarted one's reason is logged), then their beats. One
+        that goes silent for FRONTEND_SILENT_SECONDS (stopped, stuck) is killed, and restarted as any
+        that dies: the kernel would go on handing it new connections, which would hang."""
+        now = time.monotonic()
+        for index, pipe in list(self.pipes.items()):
             try:
-                answer = ready.recv()
-            except EOFError:  # it died without a word: the loop restarts it
+                while pipe.poll():
+                    answer = pipe.recv()
+                    self.heard[index] = now
+                    if index in self.starting and answer != FRONTEND_BEAT:
+                        self.starting.discard(index)
+                        if isinstance(answer, StartupError):
+                            if not self.serving:
+                                raise answer
+                            log.error("front-end %d cannot start: %s", index, answer)
+            except (EOFError, OSError):  # it died: the watch loop restarts it
+                del self.pipes[index]
                 continue
-            if isinstance(answer, StartupError):
-                if not self.serving:
-                    raise answer
-                log.error("front-end %d cannot start: %s", index, answer)
+            process = self.frontends[index]
+            silent = now - self.heard.get(index, now)
+            if index not in self.starting and silent > FRONTEND_SILENT_SECONDS and process.is_alive():
+                log.error(
+                    "front-end %d (pid %d) has not beaten for %.1f s (stopped or stuck): killing it, to restart it",
+                    index,
+                    process.pid,
+                    silent,
+                )
+                os.kill(process.pid, signal.SIGKILL)
+                self.heard.pop(index, None)
         if not self.serving and not self.starting and all(p is not None for p in self.frontends):
             self.serving = True
             print(serving_lines(self.settings, self.port, self.count, self.versions), flush=True)

@@ -14,6 +14,8 @@ import errno
 import logging
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -29,7 +31,7 @@ from convserve.proto import introspection_pb2 as ipb
 from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
 from ..errors import StartupError, port_in_use
-from ..ipc import Arena
+from ..ipc import BEAT_SECONDS, FRONTEND_BEAT, Arena
 from ..metrics import Metrics
 from ..settings import Settings
 from .core import FrontendCore, ServerState
@@ -234,12 +236,25 @@ async def serve(settings: Settings, socket_path: str, port: int, index: int, cou
 
 
 def main(settings: Settings, socket_path: str, port: int, index: int, count: int, ready: Optional[Any] = None) -> None:
-    """The front-end process's entry point (`ready`: a multiprocessing Connection told when it listens)."""
+    """The front-end process's entry point (`ready`: a multiprocessing Connection told when it listens,
+    then, from a thread of its own, every BEAT_SECONDS that this process runs: the supervisor kills and
+    restarts a front-end that goes silent, one stopped or stuck, which the kernel would otherwise go on
+    handing new connections)."""
 
     def tell(answer: Any = True) -> None:
         if ready is not None:
             with contextlib.suppress(OSError):  # a restarted front-end's supervisor does not wait
                 ready.send(answer)
+            if answer is True:
+                threading.Thread(target=beat, args=(ready,), name="heartbeat", daemon=True).start()
+
+    def beat(pipe: Any) -> None:
+        while True:
+            time.sleep(BEAT_SECONDS)
+            try:
+                pipe.send(FRONTEND_BEAT)
+            except (OSError, ValueError):  # the supervisor went (its children follow it)
+                return
 
     try:
         asyncio.run(serve(settings, socket_path, port, index, count, tell))

@@ -1,6 +1,7 @@
 """One engine, N front-ends on one port: they all serve, answer control calls as one server, batch
 together, and survive each other's deaths."""
 
+import contextlib
 import os
 import re
 import signal
@@ -274,4 +275,42 @@ def test_a_frozen_engine_is_not_serving_within_2_s_and_http_requests_end_at_thei
         assert "no heartbeat from the engine" in server.output()
     finally:
         os.kill(engine, signal.SIGCONT)
+        assert server.stop() == 0, server.output()
+
+
+def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_served(served_repository):
+    """Issue 27's fault 2: SO_REUSEPORT goes on handing a stopped front-end new connections, which
+    hang. It stops beating to its supervisor, which kills it (its socket goes, and the kernel hands
+    the connections to the other) and starts a new one."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = RunningServer(served_repository, "--frontends", "2")
+    stopped = _pids(server)["frontend-0"]
+
+    def fresh_health() -> bool:
+        try:
+            with grpc.insecure_channel(server.url) as channel:  # a new connection each time
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                return answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        deadline = started + 10
+        while not all(fresh_health() for _ in range(10)):  # ten fresh connections in a row served
+            assert time.monotonic() < deadline, server.output()
+        print(f"fresh connections served again {time.monotonic() - started:.2f} s after the stop")
+        assert time.monotonic() - started < 3, server.output()
+        assert not _alive(stopped)
+        assert re.search(r"front-end 0 \(pid \d+\) has not beaten for", server.output()), server.output()
+        deadline = time.monotonic() + 30
+        while _pids(server).get("frontend-0") == stopped:  # the new one has connected to the engine
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        assert len(_channels_on_each_frontend(server.url, 2)) == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
         assert server.stop() == 0, server.output()
