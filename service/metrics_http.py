@@ -1,10 +1,10 @@
 """The /metrics endpoint: aiohttp on an event loop of its own, in a thread of the supervisor.
 
 Nothing here may be held by a client that does not scrape: connections are bounded (past
-`max_connections`, a new one is closed at once and counted), a connection that sends no complete
-request within `idle_timeout` seconds is closed (aiohttp's keep-alive timeout covers the time before
-the first request and between requests), and collecting, which reads every process's metrics files,
-runs off the loop, one scrape at a time.
+`max_connections`, a new one is closed at once and counted), a connection that brings no complete
+request head within `idle_timeout` seconds of opening or of its last answer is closed
+(service/connections.py, as the HTTP door's), and collecting, which reads every process's metrics
+files, runs off the loop, one scrape at a time.
 """
 
 from __future__ import annotations
@@ -18,44 +18,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from .connections import ConnectionLimits
 from .rules import BearerToken
 
 log = logging.getLogger(__name__)
-
-
-class _Bounded(asyncio.Protocol):
-    """One connection, handed to aiohttp's protocol unless the endpoint already holds its most."""
-
-    def __init__(self, endpoint: MetricsEndpoint, inner: asyncio.Protocol) -> None:
-        self._endpoint = endpoint
-        self._inner = inner
-        self._counted = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._endpoint.connections >= self._endpoint.max_connections:
-            self._endpoint.refused += 1
-            transport.close()
-            return
-        self._endpoint.connections += 1
-        self._counted = True
-        self._inner.connection_made(transport)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        if self._counted:
-            self._endpoint.connections -= 1
-            self._inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> Optional[bool]:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
 
 
 class MetricsEndpoint:
@@ -73,10 +39,8 @@ class MetricsEndpoint:
     ) -> None:
         self.registry = registry
         self.host, self.port = host, port
-        self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self.connections = 0  # open now (touched only on the endpoint's loop)
-        self.refused = 0  # connections closed at once because `max_connections` were open
+        self.limits = ConnectionLimits(max_connections, idle_timeout)  # touched only on the endpoint's loop
         self._token = BearerToken(token)
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -92,7 +56,7 @@ class MetricsEndpoint:
             "convserve_metrics_connections_refused",
             "connections to /metrics closed at once because the endpoint held its most",
         )
-        family.add_metric([], self.refused)
+        family.add_metric([], self.limits.refused)
         yield family
 
     def start(self) -> MetricsEndpoint:
@@ -127,7 +91,7 @@ class MetricsEndpoint:
         factory: Any = runner.server
         try:
             server = await self._loop.create_server(
-                lambda: _Bounded(self, factory()), self.host, self.port, reuse_address=True
+                lambda: self.limits.protocol(factory()), self.host, self.port, reuse_address=True
             )
         except OSError as exc:
             self._error = exc
@@ -142,6 +106,7 @@ class MetricsEndpoint:
             await runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.limits.request_started(request.transport)
         if not self._token.admits(request.headers.get("Authorization")):
             return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
         async with self._scrape:  # reading every process's files: one scrape at a time, off the loop

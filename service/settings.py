@@ -68,6 +68,15 @@ class Settings:
         "seconds an HTTP/REST inference may take at most, its queue included (HTTP carries no deadline; gRPC "
         "requests bring their own); past it 504. 0: none",
     )
+    http_max_connections: int = _opt(
+        1024, "HTTP connections each front-end keeps open at once; past it a new one is closed at once, and counted"
+    )
+    http_head_timeout: float = _opt(
+        10.0,
+        "seconds an HTTP connection has to bring a complete request head (line and headers), when new and "
+        "between requests; then it is closed",
+    )
+    http_body_timeout: float = _opt(60.0, "seconds an HTTP request has to bring its whole body; then 408")
     max_health_watches: int = _opt(
         64, "health Watch streams each front-end keeps open at once (health needs no token); past it RESOURCE_EXHAUSTED"
     )
@@ -122,8 +131,10 @@ class Settings:
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be at least 1")
         delays = (self.max_queue_delay_ms, self.poll_interval, self.grace_period, self.http_request_timeout)
-        if min(delays) < 0:
-            raise ValueError("delays, intervals and grace periods cannot be negative")
+        if min(delays) < 0 or min(self.http_head_timeout, self.http_body_timeout) <= 0 or self.http_max_connections < 1:
+            raise ValueError(
+                "delays, intervals and grace periods cannot be negative; HTTP timeouts and connections are positive"
+            )
         if min(self.max_image_bytes, self.max_image_pixels, self.max_message_bytes) < 0 or not self.image_format_list():
             raise ValueError("limits cannot be negative (0: derived), and at least one image format must be accepted")
         if bool(self.tls_cert) != bool(self.tls_key):

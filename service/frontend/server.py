@@ -30,7 +30,8 @@ from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import introspection_pb2 as ipb
 from convserve.proto import introspection_pb2_grpc as ipb_grpc
 
-from ..errors import StartupError, port_in_use
+from ..connections import ConnectionLimits
+from ..errors import Code, StartupError, port_in_use
 from ..ipc import BEAT_SECONDS, FRONTEND_BEAT, Arena
 from ..metrics import Metrics
 from ..settings import Settings
@@ -44,7 +45,7 @@ from .grpc.servicer import InferenceServicer, add_to_server
 from .http.door import HttpDoor
 from .limits import cards_on_disk, largest_messages, message_limits
 from .models import ModelTable
-from .observe import Recorder
+from .observe import Outcome, Recorder
 from .preprocess import blank_png, preprocess_encoded
 from .tls import Tls
 
@@ -76,6 +77,8 @@ class Frontend:
         self.tls = Tls.of(settings)
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_runner: Optional[web.AppRunner] = None
+        self.http_listener: Optional[asyncio.AbstractServer] = None
+        self.http_limits: Optional[ConnectionLimits] = None
         self.limits = message_limits(cards_on_disk(settings.repository), settings)
         self._background: set[asyncio.Future] = set()
 
@@ -168,15 +171,27 @@ class Frontend:
         log.info("front-end %s listening on %s (gRPC)", self.identity, address)
 
     async def _start_http(self) -> None:
-        """V2 HTTP/REST on the same event loop, over the same core, its port shared by the front-ends."""
+        """V2 HTTP/REST on the same event loop, over the same core, its port shared by the front-ends;
+        its connections bounded in number and in the time they take to bring a request
+        (service/connections.py)."""
         s = self.settings
-        door = HttpDoor(self.core, s.auth_token, self.limits.receive)
-        self.http_runner = web.AppRunner(door.application(), access_log=None, handle_signals=False)
+        self.http_limits = ConnectionLimits(
+            s.http_max_connections,
+            s.http_head_timeout,
+            lambda why: self.recorder.record(Outcome("HTTP", code=Code.RESOURCE_EXHAUSTED, limit=f"http_{why}")),
+        )
+        door = HttpDoor(self.core, s.auth_token, self.limits.receive, self.http_limits, s.http_body_timeout)
+        self.http_runner = web.AppRunner(
+            door.application(), access_log=None, handle_signals=False, keepalive_timeout=s.http_head_timeout
+        )
         await self.http_runner.setup()
+        assert self.http_runner.server is not None
+        handler: Any = self.http_runner.server
         context = self.tls.ssl_context() if self.tls is not None else None
-        site = web.TCPSite(self.http_runner, s.host, s.http_port, ssl_context=context, reuse_port=True)
         try:
-            await site.start()
+            self.http_listener = await asyncio.get_running_loop().create_server(
+                lambda: self.http_limits.protocol(handler()), s.host, s.http_port, ssl=context, reuse_port=True
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise port_in_use(s.http_port, "HTTP", "http_port") from None
@@ -197,7 +212,9 @@ class Frontend:
         # straight away, so a load balancer's next request opens a connection elsewhere instead of
         # meeting this front-end's refusal (UNAVAILABLE), which it would pass on to its client.
         closing = []
-        if self.http_runner is not None:  # stops listening, lets requests in progress finish
+        if self.http_listener is not None:
+            self.http_listener.close()  # stops listening; requests in progress finish
+        if self.http_runner is not None:
             closing.append(self.http_runner.shutdown())
         if self.grpc_server is not None:
             closing.append(self.grpc_server.stop(self.settings.grace_period))

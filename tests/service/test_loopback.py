@@ -2,6 +2,7 @@
 threads, linked as under `convserve serve`): each door's answer is the core's data in its own wire
 format, a call through either door is recorded the same, and errors map to each door's table."""
 
+import contextlib
 import json
 import os
 import re
@@ -222,3 +223,61 @@ def test_every_arena_block_comes_back_whatever_happens_to_its_request(served):
     assert served.call(used()) == 0
     with Client(served.url) as client:  # and the arena serves the next request
         assert client.infer("digits", array=X, outputs=request_outputs).outputs
+
+
+def test_idle_and_slow_http_connections_are_closed_and_bounded(trained, tmp_path):
+    """Issue 27's fault 6: 1,000 connections that send nothing or half a head are closed within the
+    head timeout (or at once, past the cap), and counted; then the door serves again. A body that
+    does not arrive in time is 408. (Up to the cap, such connections do hold their places: the
+    timeout bounds for how long.)"""
+    import selectors
+    import socket
+
+    _, folder = trained
+    repository = tmp_path / "repository"
+    shutil.copytree(os.path.dirname(os.path.dirname(folder)), repository)
+    grpc_port, http_port = free_ports(2)
+    settings = Settings(
+        repository=str(repository),
+        host="127.0.0.1",
+        http_port=http_port,
+        http_max_connections=200,
+        http_head_timeout=1.0,
+        http_body_timeout=1.0,
+    )
+    with Loopback(settings, grpc_port) as served:
+        served.http = f"http://127.0.0.1:{http_port}"
+        held = []
+        for i in range(1000):
+            sock = socket.create_connection(("127.0.0.1", http_port))
+            if i % 2:
+                with contextlib.suppress(OSError):  # past the cap it is closed at once
+                    sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHo")  # a head that never ends
+            held.append(sock)
+        started = time.monotonic()
+        watching = selectors.DefaultSelector()  # epoll: select() stops at descriptor 1024
+        for sock in held:
+            watching.register(sock, selectors.EVENT_READ)
+        still_open = len(held)
+        while still_open and time.monotonic() - started < 5:
+            for key, _ in watching.select(0.5):
+                try:
+                    closed = key.fileobj.recv(1024) == b""
+                except ConnectionResetError:
+                    closed = True
+                if closed:
+                    watching.unregister(key.fileobj)
+                    still_open -= 1
+        watching.close()
+        assert not still_open, f"{still_open} of 1000 still open after {time.monotonic() - started:.1f} s"
+        for sock in held:
+            sock.close()
+        assert _http(served, "/v2/health/live")[0] == 200  # and the door serves again
+        limits = served.frontend.http_limits
+        assert limits.refused >= 700 and limits.timed_out >= 100, (limits.refused, limits.timed_out)
+        # a body promised and not sent
+        with socket.create_connection(("127.0.0.1", http_port)) as sock:
+            sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+            sock.settimeout(5)
+            assert sock.recv(1024).startswith(b"HTTP/1.1 408"), "no 408"
+        assert _http(served, "/v2/health/ready")[0] == 200

@@ -9,6 +9,7 @@ V2's `{"error": "..."}` with the HTTP status Triton gives the same case (errors.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 import json
@@ -16,10 +17,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Optional
 
 from aiohttp import web
 
+from ...connections import ConnectionLimits
 from ...errors import Code, InvalidInput, http_status_of
 from ...rules import BearerToken
 from ..core import FrontendCore
@@ -61,10 +63,19 @@ def _trace_value(value: Any) -> list[str]:
 class HttpDoor:
     """The routes, over the core the gRPC door calls too."""
 
-    def __init__(self, core: FrontendCore, token: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        core: FrontendCore,
+        token: str,
+        max_body_bytes: int,
+        connections: Optional[ConnectionLimits] = None,
+        body_timeout: float = 60.0,
+    ) -> None:
         self.core = core
         self.max_body_bytes = max_body_bytes
         self._token = BearerToken(token)
+        self._connections = connections  # told when a request's head has come
+        self.body_timeout = body_timeout
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
@@ -120,6 +131,8 @@ class HttpDoor:
     async def _guard(self, request: web.Request, handler: Handler):
         """The token (rules.needs_token says which calls need none), and no traceback ever reaches a
         client: what a call raises becomes V2's error body with Triton's status."""
+        if self._connections is not None:
+            self._connections.request_started(request.transport)
         if not self._token.admits_call(request.path, request.headers.get("Authorization")):
             self.core.recorder.record(Outcome("HTTP", code=Code.UNAUTHENTICATED))
             return web.json_response(
@@ -130,15 +143,30 @@ class HttpDoor:
         except web.HTTPException as exc:  # aiohttp's own (unknown route, body too large): V2's error shape
             if exc.status == 413:
                 return web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
-            return web.json_response({"error": exc.reason}, status=exc.status)
+            answer = web.json_response({"error": exc.reason}, status=exc.status)
+            if exc.status == 408:
+                answer.force_close()  # not waiting for the rest of a body that is late
+            return answer
         except Exception as exc:  # a bug is logged by the core's observe; one outside a call, here
             if http_status_of(exc)[0] == 500 and not getattr(exc, LOGGED, False):
                 log.error("HTTP %s %s failed", request.method, request.path[:200], exc_info=exc)
             return _error(exc)
 
+    async def _body(self, request: web.Request) -> bytes:
+        """The body: aiohttp inflates gzip and deflate (Content-Encoding, as Triton takes) and stops at the
+        size limit counted after inflating, so a small compressed bomb is refused as too large."""
+        try:
+            return await asyncio.wait_for(request.read(), self.body_timeout)
+        except asyncio.TimeoutError:  # a slow body holds a connection and its buffer: 408, and the connection closes
+            raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # a body that does not inflate, a connection cut mid-body
+            raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
+
     async def _preprocessed(self, request: web.Request) -> bytes:
         """An image (the body, PNG or JPEG) as the model sees it (the page's preview)."""
-        body = await _body(request)
+        body = await self._body(request)
         return await self.core.preprocessed(_model(request), request.query.get("version", ""), body)
 
     async def _filters(self, request: web.Request) -> dict[str, Any]:
@@ -146,7 +174,7 @@ class HttpDoor:
         return {**filters, "weights": base64.b64encode(filters["weights"]).decode()}
 
     async def _shm_register(self, request: web.Request) -> None:
-        body = await _json(await _body(request))
+        body = await _json(await self._body(request))
         if not isinstance(body, dict):
             raise InvalidInput("the register body is a JSON object: key, offset, byte_size")
         try:
@@ -159,7 +187,7 @@ class HttpDoor:
         """What a POST sets (a JSON object of key -> value); a GET sets nothing."""
         if request.method != "POST":
             return {}
-        body = await _json(await _body(request))
+        body = await _json(await self._body(request))
         if not isinstance(body, dict):
             raise InvalidInput("the settings body is a JSON object")
         return body
@@ -173,7 +201,7 @@ class HttpDoor:
         return self.core.trace_settings(request.match_info.get("model", ""), updates)
 
     async def _index(self, request: web.Request) -> list[dict[str, Any]]:
-        body = await _json(await _body(request))
+        body = await _json(await self._body(request))
         ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
         return await self.core.repository_index(ready=ready)
 
@@ -184,7 +212,7 @@ class HttpDoor:
         timeout = core.settings.http_request_timeout
         deadline = time.monotonic() + timeout if timeout else None
         with core.inference("ModelInfer", name) as outcome:
-            body = await _body(request)
+            body = await self._body(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None:
                 if not (length.isascii() and length.isdigit()) or int(length) > len(body):  # '²' is a digit
@@ -245,17 +273,6 @@ def _region(request: web.Request) -> str:
 def _named(request: web.Request) -> tuple[str, str]:
     """name and version from a /v2/models/{model}[/versions/{version}] path."""
     return request.match_info["model"], request.match_info.get("version", "")
-
-
-async def _body(request: web.Request) -> bytes:
-    """The body: aiohttp inflates gzip and deflate (Content-Encoding, as Triton takes) and stops at the
-    size limit counted after inflating, so a small compressed bomb is refused as too large."""
-    try:
-        return await request.read()
-    except web.HTTPException:
-        raise
-    except Exception as exc:  # a body that does not inflate, a connection cut mid-body
-        raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
 
 
 async def _json(data: bytes) -> Any:
