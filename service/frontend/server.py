@@ -182,7 +182,11 @@ class Frontend:
         )
         door = HttpDoor(self.core, s.auth_token, self.limits.receive, self.http_limits, s.http_body_timeout)
         self.http_runner = web.AppRunner(
-            door.application(), access_log=None, handle_signals=False, keepalive_timeout=s.http_head_timeout
+            door.application(),
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=s.http_head_timeout,
+            auto_decompress=False,  # the door inflates, bounded and off the loop
         )
         await self.http_runner.setup()
         assert self.http_runner.server is not None

@@ -92,3 +92,43 @@ def test_metrics_connections_are_bounded_and_idle_ones_closed(served_repository)
         for sock in held:
             sock.close()
         assert server.stop() == 0, server.output()
+
+
+def test_compression_bombs_are_refused_off_the_loop_and_health_stays_fast(server):
+    """Issue 27's fault 7: eight 1 MiB gzip bombs at once (1 GiB of zeros each) are 413, inflated no
+    further than the body limit and off the event loop: health on other connections stays under 200 ms."""
+    import gzip
+    import threading
+    import urllib.error
+
+    bomb = gzip.compress(b"\0" * (1 << 30), compresslevel=1)
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/digits/infer"
+    statuses: list[int] = []
+
+    def send() -> None:
+        request = urllib.request.Request(url, data=bomb, headers={"Content-Encoding": "gzip"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                statuses.append(answer.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+        except OSError:  # the server may close before the whole bomb is sent: refused as well
+            statuses.append(413)
+
+    worst = 0.0
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)  # the connection is up
+        senders = [threading.Thread(target=send) for _ in range(8)]
+        for thread in senders:
+            thread.start()
+        while any(thread.is_alive() for thread in senders):
+            started = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.01)
+        for thread in senders:
+            thread.join()
+    print(f"eight bombs: {statuses}, worst health {worst * 1000:.0f} ms")
+    assert statuses == [413] * 8, statuses
+    assert worst < 0.2, f"health took {worst * 1000:.0f} ms while the bombs were inflated"

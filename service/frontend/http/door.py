@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Optional
 
 from aiohttp import web
 
 from ...connections import ConnectionLimits
-from ...errors import Code, InvalidInput, http_status_of
+from ...errors import Code, InvalidInput, Unimplemented, http_status_of
 from ...rules import BearerToken
 from ..core import FrontendCore
 from ..observe import LOGGED, Outcome
@@ -76,6 +77,7 @@ class HttpDoor:
         self._token = BearerToken(token)
         self._connections = connections  # told when a request's head has come
         self.body_timeout = body_timeout
+        self._inflating = asyncio.Semaphore(1)
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
@@ -141,8 +143,10 @@ class HttpDoor:
         try:
             return await handler(request)
         except web.HTTPException as exc:  # aiohttp's own (unknown route, body too large): V2's error shape
-            if exc.status == 413:
-                return web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
+            if exc.status == 413:  # and the rest of it is not read
+                refused = web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
+                refused.force_close()
+                return refused
             answer = web.json_response({"error": exc.reason}, status=exc.status)
             if exc.status == 408:
                 answer.force_close()  # not waiting for the rest of a body that is late
@@ -153,16 +157,28 @@ class HttpDoor:
             return _error(exc)
 
     async def _body(self, request: web.Request) -> bytes:
-        """The body: aiohttp inflates gzip and deflate (Content-Encoding, as Triton takes) and stops at the
-        size limit counted after inflating, so a small compressed bomb is refused as too large."""
+        """The body, inflated when its Content-Encoding is gzip or deflate (as Triton takes). aiohttp
+        reads it as sent, up to the body limit; inflating runs in a worker thread (zlib lets the event
+        loop run meanwhile) and stops one byte past the limit, so a compression bomb costs at most the
+        limit, off the loop, and is refused 413. A body late past the body timeout is 408."""
         try:
-            return await asyncio.wait_for(request.read(), self.body_timeout)
-        except asyncio.TimeoutError:  # a slow body holds a connection and its buffer: 408, and the connection closes
+            data = await asyncio.wait_for(request.read(), self.body_timeout)
+        except asyncio.TimeoutError:  # a slow body holds a connection and its buffer: 408, and it closes
             raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
         except web.HTTPException:
             raise
-        except Exception as exc:  # a body that does not inflate, a connection cut mid-body
+        except Exception as exc:  # a connection cut mid-body
             raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return data
+        if encoding not in ("gzip", "deflate"):
+            raise Unimplemented(f"Content-Encoding {encoding[:32]!r} is not supported: gzip or deflate")
+        try:
+            async with self._inflating:  # one at a time: a burst of bombs takes one core, not every one
+                return await asyncio.to_thread(_inflate, data, encoding, self.max_body_bytes)
+        except zlib.error as exc:
+            raise InvalidInput(f"the request body does not inflate ({encoding}): {exc}") from None
 
     async def _preprocessed(self, request: web.Request) -> bytes:
         """An image (the body, PNG or JPEG) as the model sees it (the page's preview)."""
@@ -273,6 +289,20 @@ def _region(request: web.Request) -> str:
 def _named(request: web.Request) -> tuple[str, str]:
     """name and version from a /v2/models/{model}[/versions/{version}] path."""
     return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
+    """gzip or deflate (zlib's format, or raw as some clients send it), at most `limit` bytes out."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    if encoding == "deflate" and data[:1] and (data[0] & 0x0F) != 8:
+        wbits = -zlib.MAX_WBITS  # no zlib header: a raw deflate stream
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(data, limit + 1)
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out))
+    if not inflater.eof:
+        raise zlib.error("the stream ends early")
+    return out
 
 
 async def _json(data: bytes) -> Any:
