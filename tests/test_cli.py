@@ -20,11 +20,15 @@ def convserve(*args, cwd=None):
     from convserve.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or ROOT):
-        try:
+    here = os.getcwd()
+    os.chdir(cwd or ROOT)  # (contextlib.chdir is Python 3.11's; the project runs on 3.10)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(args))
-        except SystemExit as exc:  # argparse's own errors, and --help
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except SystemExit as exc:  # argparse's own errors, and --help
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
