@@ -108,11 +108,10 @@ class FrontendCore:
         self.recorder = recorder
         self.identity = identity  # "i/N": the front-end, named with statistics (they are every front-end's)
 
-    @contextlib.contextmanager
-    def observe(self, method: str, model: str = "") -> Iterator[Outcome]:
-        """One call's Outcome, recorded when the block ends; its status is what escapes the block."""
-        with self.recorder.observe(Outcome(method, model)) as outcome:
-            yield outcome
+    def observe(self, method: str, model: str = "") -> contextlib.AbstractContextManager[Outcome]:
+        """One call's Outcome, recorded when the block ends; its status is what escapes the block (the
+        recorder's own context, not one more around it: inference enters this on every request)."""
+        return self.recorder.observe(Outcome(method, model))
 
     @contextlib.contextmanager
     def inference(self, method: str, model: str) -> Iterator[Outcome]:
