@@ -3,11 +3,12 @@ with onnxruntime in its Python backend) and to convserve, printing what each ans
 
 Run in a venv of its own (PyTriton brings tritonserver; do not mix it into .venv):
     python3 -m venv /tmp/pyt && /tmp/pyt/bin/pip install nvidia-pytriton 'tritonclient[grpc]' onnxruntime numpy
-    /tmp/pyt/bin/python scripts/triton_side_by_side.py MODEL_REPOSITORY CONVSERVE_URL
+    /tmp/pyt/bin/python scripts/triton_side_by_side.py MODEL_REPOSITORY CONVSERVE_URL [CONVSERVE_HTTP_URL]
 (its Python backend's stub links the system's libpython; when the venv's Python is another build of
 the same version, e.g. pyenv's, point LD_LIBRARY_PATH at that Python's lib/ folder, or the model
 fails to load with "'_thread.RLock' object has no attribute '_recursion_count'")
-with `convserve serve --repository MODEL_REPOSITORY` listening at CONVSERVE_URL. Only the protocol
+with `convserve serve --repository MODEL_REPOSITORY` listening at CONVSERVE_URL (gRPC, host:port) and,
+for the HTTP door's cases, CONVSERVE_HTTP_URL (http://host:port). Only the protocol
 front end is compared (codes, messages, order, statistics); the backends differ by design.
 """
 
@@ -17,6 +18,7 @@ import glob
 import json
 import os
 import queue
+import re
 import sys
 
 import numpy as np
@@ -260,19 +262,163 @@ def second_pass(url: str, client, out: dict) -> None:
     channel.close()
 
 
+def _http(base: str, method: str, path: str, body=None, headers=None):
+    """(status, content type, parsed JSON or raw text) of one raw HTTP call."""
+    import http.client
+    import json as _json
+    from urllib.parse import urlsplit
+
+    host = urlsplit(base)
+    connection = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+    if isinstance(body, (dict, list)):
+        body = _json.dumps(body).encode()
+    connection.request(method, path, body=body, headers=headers or {})
+    answer = connection.getresponse()
+    data = answer.read()
+    connection.close()
+    kind = (answer.getheader("Content-Type") or "").split(";")[0]
+    length = answer.getheader("Inference-Header-Content-Length")
+    if length is not None:  # JSON, then the binary outputs
+        data = data[: int(length)]
+    try:
+        parsed = _json.loads(data) if data else ""
+    except ValueError:
+        parsed = data[:60]
+    return answer.status, kind, parsed, answer
+
+
+def _keys(value) -> str:
+    return ",".join(sorted(value)) if isinstance(value, dict) else repr(value)[:80]
+
+
+def http_probes(base: str) -> dict[str, str]:
+    """The HTTP door's answers to issue 27's cases (status, and what the body holds)."""
+    import json as _json
+    from multiprocessing import shared_memory
+
+    out: dict[str, str] = _Report()
+    x = [0.0] * (32 * 32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": x}
+
+    def infer(body, path="/v2/models/digits/infer", headers=None):
+        return _http(base, "POST", path, body, headers)
+
+    def status(answer):
+        code, kind, body, _ = answer
+        error = body.get("error", "") if isinstance(body, dict) else body
+        return f"{code} {kind or '-'} {str(error)[:70]!r}" if code != 200 else f"200 {kind}"
+
+    out["GET trace settings"] = _json.dumps(_http(base, "GET", "/v2/trace/setting")[2], sort_keys=True)[:300]
+    stats = _http(base, "GET", "/v2/models/digits/stats")[2]["model_stats"][0]
+    out["stats keys"] = _keys(stats)
+    out["stats inference_stats keys"] = _keys(stats["inference_stats"])
+    out["stats fail (never failed)"] = _json.dumps(stats["inference_stats"]["fail"])
+    config = _http(base, "GET", "/v2/models/digits/config")[2]
+    out["config keys"] = _keys(config)
+    out["config input keys"] = _keys(config["input"][0])
+    out["config output keys"] = _keys(config["output"][0])
+    out["config instance_group keys"] = _keys(config["instance_group"][0])
+    out["config dynamic_batching"] = _json.dumps(config.get("dynamic_batching"), sort_keys=True)[:400]
+    out["config optimization"] = _json.dumps(config.get("optimization"), sort_keys=True)[:300]
+    out["FP32 data as JSON strings"] = status(infer({"inputs": [{**tensor, "data": [str(v) for v in x]}]}))
+    header = _json.dumps({"inputs": [{**tensor, "data": None, "parameters": {"binary_data_size": 4096}}]}).encode()
+    header = header.replace(b'"data": null, ', b"")
+    extra = infer(header + bytes(4096) + b"tail", headers={"Inference-Header-Content-Length": str(len(header))})
+    out["extra binary bytes after the inputs"] = status(extra)
+    out["numeric id"] = status(infer({"id": 7, "inputs": [tensor]}))
+    named = infer({"inputs": [tensor], "outputs": [{"name": "logits"}], "parameters": {"binary_data_output": True}})
+    out["binary_data_output with outputs named"] = (
+        f"{named[0]} " + ",".join(sorted(o["name"] + ("(binary)" if "parameters" in o else "(json)") for o in named[2]["outputs"]))
+        if named[0] == 200 else status(named)
+    )
+    twice = infer({"inputs": [tensor], "outputs": [{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 1}}]})
+    out["same output twice (plain, then classification)"] = (
+        ";".join(f"{o['name']}:{o['datatype']}" for o in twice[2]["outputs"]) if twice[0] == 200 else status(twice)
+    )
+    zero = infer({"inputs": [tensor], "outputs": [{"name": "probabilities", "parameters": {"classification": 0}}]})
+    out["classification 0"] = (
+        ";".join(f"{o['name']}:{o['datatype']}" for o in zero[2]["outputs"]) if zero[0] == 200 else status(zero)
+    )
+    order = infer({"inputs": [tensor], "outputs": [{"name": "probabilities"}, {"name": "logits"}]})
+    out["output order (asked: probabilities, logits)"] = ",".join(o["name"] for o in order[2]["outputs"])
+    out["ready of an unknown model"] = status(_http(base, "GET", "/v2/models/nope/ready"))
+    out["ready of version 9"] = status(_http(base, "GET", "/v2/models/digits/versions/9/ready"))
+    out["infer unknown model, body {}"] = status(infer({}, "/v2/models/nope/infer"))
+    out["infer version abc"] = status(infer({"inputs": [tensor]}, "/v2/models/digits/versions/abc/infer"))
+    out["Content-Encoding br"] = status(infer(b"xx", headers={"Content-Encoding": "br"}))
+    out["CUDA shm register"] = status(
+        _http(base, "POST", "/v2/cudasharedmemory/region/c/register", {"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64})
+    )
+    out["unload unknown model"] = status(_http(base, "POST", "/v2/repository/models/no_such_model/unload"))
+    out["unload unknown model body"] = repr(_http(base, "POST", "/v2/repository/models/no_such_model/unload")[2])[:60]
+    out["POST /v2/logging unknown key"] = status(_http(base, "POST", "/v2/logging", {"no_such_key": True}))
+    out["/v2 extensions"] = ",".join(sorted(_http(base, "GET", "/v2")[2]["extensions"]))
+    out["unknown route"] = status(_http(base, "GET", "/v2/nothing/here"))
+    out["wrong method"] = status(_http(base, "DELETE", "/v2/health/live"))
+    out["health live content type"] = _http(base, "GET", "/v2/health/live")[1] or "-"
+    block = shared_memory.SharedMemory(create=True, size=1 << 16)
+    try:
+        region = "/v2/systemsharedmemory/region/probe"
+        out["shm register offset as string"] = status(
+            _http(base, "POST", region + "/register", {"key": block.name, "offset": "0", "byte_size": 4096})
+        )
+        _http(base, "POST", "/v2/systemsharedmemory/unregister")
+        first = _http(base, "POST", region + "/register", {"key": block.name, "offset": 0, "byte_size": 4096})
+        out["shm register twice"] = status(
+            _http(base, "POST", region + "/register", {"key": block.name, "offset": 0, "byte_size": 4096})
+        ) + f" (first {first[0]})"
+        status_entry = _http(base, "GET", region + "/status")[2]
+        out["shm status, offset 0"] = _json.dumps([{**e, "key": "KEY"} for e in status_entry], sort_keys=True)[:200]
+        _http(base, "POST", "/v2/systemsharedmemory/unregister")
+    finally:
+        block.close()
+        block.unlink()
+    # mistakes a client makes: Triton answers some of them 500
+    mistakes = {
+        "malformed JSON": b"{not json",
+        "no inputs": {"outputs": []},
+        "inputs not a list": {"inputs": {}},
+        "short data": {"inputs": [{**tensor, "data": x[:-1]}]},
+        "long data": {"inputs": [{**tensor, "data": x + [0.0]}]},
+        "ragged data": {"inputs": [{**tensor, "data": [x[:10], x[10:]]}]},
+        "no datatype": {"inputs": [{k: v for k, v in tensor.items() if k != "datatype"}]},
+        "no shape": {"inputs": [{k: v for k, v in tensor.items() if k != "shape"}]},
+        "wrong datatype": {"inputs": [{**tensor, "datatype": "INT8"}]},
+        "unknown input": {"inputs": [{**tensor, "name": "nope"}]},
+        "unknown output": {"inputs": [tensor], "outputs": [{"name": "nope"}]},
+        "data null": {"inputs": [{**tensor, "data": None}]},
+        "shape strings": {"inputs": [{**tensor, "shape": ["1", "1", "32", "32"]}]},
+        "binary size past the body": {"inputs": [{**tensor, "parameters": {"binary_data_size": 99999}}]},
+    }
+    for name, body in mistakes.items():
+        out[f"mistake: {name}"] = status(infer(body))
+    return out
+
+
 def main() -> None:
     repository, convserve_url = sys.argv[1], sys.argv[2]
+    convserve_http = sys.argv[3] if len(sys.argv) > 3 else ""
     server, triton_url = start_triton(repository)
     try:
         theirs = probes(triton_url)
+        if convserve_http:
+            theirs.update(http_probes("http://127.0.0.1:8600"))
     finally:
         server.stop()
     ours = probes(convserve_url)
+    if convserve_http:
+        ours.update(http_probes(convserve_http))
     print("| request | Triton | convserve |\n|---|---|---|")
     for key in theirs:
-        same = "" if theirs[key] == ours.get(key) else " **differs**"
+        same = "" if _same(theirs[key], ours.get(key)) else " **differs**"
         print(f"| {key}{same} | {theirs[key]} | {ours.get(key)} |")
 
+
+def _same(theirs: str, ours) -> bool:
+    """Equal answers; for an HTTP status line, the same status and Content-Type (messages differ)."""
+    if isinstance(ours, str) and re.match(r"\d{3} ", theirs) and re.match(r"\d{3} ", ours):
+        return theirs.split(" ")[:2] == ours.split(" ")[:2]
+    return theirs == ours
 
 if __name__ == "__main__":
     main()

@@ -144,7 +144,7 @@ _HTTP_STATUS = {
     Code.UNAUTHENTICATED: 401,
     Code.PERMISSION_DENIED: 403,
     Code.NOT_FOUND: 404,
-    Code.ALREADY_EXISTS: 409,
+    Code.ALREADY_EXISTS: 400,  # Triton's HTTP answers a second register of a region 400, not 409
     Code.RESOURCE_EXHAUSTED: 429,
     Code.CANCELLED: 499,
     Code.UNIMPLEMENTED: 501,

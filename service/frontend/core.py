@@ -42,15 +42,19 @@ from .models import ModelTable
 from .observe import Outcome, Recorder, log_settings, set_log_settings
 from .preprocess import ImageDecodeError, preprocessed_png
 
+# What this server serves, by Triton's extension names (its own last); not listed: sequence,
+# schedule_policy's priority levels, cuda_shared_memory (its register is not implemented)
 EXTENSIONS = [
     "classification",
     "model_repository",
-    "statistics",
     "model_configuration",
-    "binary_tensor_data",
-    "convserve_feature_maps",
     "system_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "trace",
     "logging",
+    "convserve_feature_maps",
 ]
 # The log settings that can be set, with the Python type of each (Triton's names)
 LOG_SETTING_TYPES: dict[str, type] = {
@@ -146,6 +150,11 @@ class FrontendCore:
                 return False
             return self.server_state() is not ServerState.STOPPING and self.engine.connected
 
+    def served(self, name: str, version: str = "") -> None:
+        """Raise what inference of `name` (version) would meet first: an unknown model or version
+        (NOT_FOUND), one not ready (UNAVAILABLE), a version that is no number (INVALID_ARGUMENT)."""
+        self.models.resolve(name, version)
+
     def server_metadata(self) -> dict[str, Any]:
         with self.observe("ServerMetadata"):
             return {"name": "convserve", "version": __version__, "extensions": list(EXTENSIONS)}
@@ -178,9 +187,16 @@ class FrontendCore:
                 policy = {"all": {}}
             elif s.version_policy.startswith("specific:"):
                 policy = {"specific": {"versions": list(s.specific_versions())}}
-            group: dict[str, Any] = {"name": model.name, "count": model.instances, "kind": "KIND_CPU"}
-            if gpu:
-                group.update(kind="KIND_GPU", gpus=[s.cuda_device_id])
+            group: dict[str, Any] = {
+                "name": f"{model.name}_0",  # Triton's name for a model's first (unnamed) group
+                "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                "count": model.instances,
+                "gpus": [s.cuda_device_id] if gpu else [],
+                "secondary_devices": [],
+                "profile": [],
+                "passive": False,
+                "host_policy": "",
+            }
             parameters = {
                 "execution_provider": model.execution_provider,
                 "providers": ",".join(model.providers),
@@ -189,10 +205,13 @@ class FrontendCore:
                 # maps are megabytes, so convserve sends them only when asked for by name)
                 "default_outputs": ",".join(DEFAULT_OUTPUTS),
             }
+            tensor = {"is_shape_tensor": False, "is_non_linear_format_io": False}
+            # every field Triton's JSON has, defaults included, in its order
             return {
                 "name": model.name,
                 "platform": PLATFORM,
                 "backend": "onnxruntime",
+                "runtime": "",
                 "version_policy": policy,
                 "max_batch_size": s.max_batch_size,
                 # two alternatives: a request carries exactly one of them, so each is optional
@@ -202,17 +221,54 @@ class FrontendCore:
                         "data_type": "TYPE_FP32",
                         "format": "FORMAT_NCHW",
                         "dims": list(model.input_shape),
+                        **tensor,
+                        "allow_ragged_batch": False,
                         "optional": True,
                     },
-                    {"name": IMAGE_INPUT_NAME, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+                    {
+                        "name": IMAGE_INPUT_NAME,
+                        "data_type": "TYPE_STRING",
+                        "format": "FORMAT_NONE",
+                        "dims": [1],
+                        **tensor,
+                        "allow_ragged_batch": False,
+                        "optional": True,
+                    },
                 ],
                 "output": [
-                    {"name": o.name, "data_type": "TYPE_FP32", "dims": list(o.shape[1:])} for o in model.card.outputs
+                    {"name": o.name, "data_type": "TYPE_FP32", "dims": list(o.shape[1:]), "label_filename": "", **tensor}
+                    for o in model.card.outputs
                 ],
+                "batch_input": [],
+                "batch_output": [],
+                "optimization": {
+                    "priority": "PRIORITY_DEFAULT",
+                    "input_pinned_memory": {"enable": True},
+                    "output_pinned_memory": {"enable": True},
+                    "gather_kernel_buffer_threshold": 0,
+                    "eager_batching": False,
+                },
+                "dynamic_batching": {
+                    "preferred_batch_size": [s.max_batch_size],  # a batch runs at once when this full
+                    "max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
+                    "preserve_ordering": False,
+                    "priority_levels": 0,
+                    "default_priority_level": 0,
+                    # the queue is bounded; a request's `timeout` parameter is honoured
+                    "default_queue_policy": {
+                        "timeout_action": "REJECT",
+                        "default_timeout_microseconds": 0,
+                        "allow_timeout_override": True,
+                        "max_queue_size": s.max_queue_size,
+                    },
+                    "priority_queue_policy": {},
+                },
                 "instance_group": [group],
                 "default_model_filename": "model.onnx",
-                "dynamic_batching": {"max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000)},
+                "cc_model_filenames": {},
+                "metric_tags": {},
                 "parameters": {key: {"string_value": value} for key, value in parameters.items()},
+                "model_warmup": [],
             }
 
     async def statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
@@ -274,10 +330,10 @@ class FrontendCore:
                 elif key == "log_format" and isinstance(value, str):
                     if value != "default":
                         raise Unimplemented(f"log_format {value[:32]!r}: only 'default' is implemented")
+                elif key not in LOG_SETTING_TYPES and key not in ("log_file", "log_format"):
+                    continue  # as Triton: a key it does not know is ignored
                 else:
-                    raise InvalidInput(
-                        f"unknown log setting {key[:64]!r}, or a value of the wrong type ({type(value).__name__})"
-                    )
+                    raise InvalidInput(f"log setting {key!r}: a value of the wrong type ({type(value).__name__})")
             if changes:
                 set_log_settings(**changes)
             return log_settings()
@@ -372,7 +428,11 @@ def _statistics(s: dict[str, Any]) -> dict[str, Any]:
             # per request, as Triton counts them: each request carries its batch's run time
             "compute_infer": _counted(successes, s["request_compute_ns"]),
             "compute_output": _counted(successes, s["postprocess_ns"]),
+            # no response cache: never a hit, never a miss
+            "cache_hit": _counted(0, 0),
+            "cache_miss": _counted(0, 0),
         },
+        "response_stats": {},  # per response of a decoupled model: none here
         "batch_stats": [  # per execution of each batch size
             {
                 "batch_size": size,
@@ -382,4 +442,5 @@ def _statistics(s: dict[str, Any]) -> dict[str, Any]:
             }
             for size, (count, input_ns, infer_ns, output_ns) in sorted(s["batches"].items())
         ],
+        "memory_usage": [],  # Triton's backends that report it are TensorRT's and PyTorch's
     }

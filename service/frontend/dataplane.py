@@ -156,7 +156,9 @@ class DataPlane:
                 raise InvalidInput(
                     f"output {wanted.name!r}: classification cannot be written to shared memory (as in Triton)"
                 )
-        return requested
+        # answered in the model's order of its outputs, as Triton does, whatever order they were asked in
+        order = {name: index for index, name in enumerate(model.outputs)}
+        return sorted(requested, key=lambda wanted: order[wanted.name])
 
     async def _inputs(self, model: ServedModel, request: InferRequest) -> Optional[np.ndarray]:
         """The request's input as an array, or None when it is FP32 in the client's own region."""

@@ -185,9 +185,12 @@ def _read_values(request: InferRequest, values: Sequence[Any]) -> None:
     if len(values) not in (count, shape[0]):  # flat, or nested by image: anything else is refused unread
         raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
     try:
-        array = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError):
+        array = np.asarray(values)  # its own type first: strings and booleans are not FP32 numbers
+    except (TypeError, ValueError):  # ragged
+        array = None
+    if array is None or array.dtype.kind not in "fiu":
         raise InvalidInput("input 'input': its data is not a list of FP32 numbers") from None
+    array = array.astype(np.float32, copy=False)
     if array.size != count:
         raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {array.size}")
     request.array = array.reshape(shape)

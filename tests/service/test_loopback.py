@@ -120,8 +120,9 @@ def test_errors_map_to_each_doors_table(served):
     with Client(served.url) as client, pytest.raises(grpc.RpcError) as failed:
         client.stub.ModelReady(pb.ModelReadyRequest(name="digits", version="first"))
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status, body, _ = _http(served, "/v2/models/digits/versions/first/ready")
+    status, body, _ = _http(served, "/v2/models/digits/versions/0123/ready")  # digits, not a version
     assert status == 400 and "invalid model version" in json.loads(body)["error"]
+    assert _http(served, "/v2/models/digits/versions/first/ready")[0] == 404  # no such route, as in Triton
     wrong = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}
     status, body, _ = _http(served, "/v2/models/digits/infer", json.dumps(wrong).encode())
     assert status == 400 and json.loads(body)["error"].startswith("input 'input' must be [N, 1, 32, 32]")
@@ -188,6 +189,97 @@ def test_malformed_http_bodies_are_400s_with_a_message(served):
         assert status == 400, (path, headers, status, answer[:200])
         assert json.loads(answer)["error"], answer[:200]
     assert served.core.ready()  # and serving goes on
+
+
+def _post(served, path, body=b"", headers=None):
+    return _http(served, path, body if isinstance(body, bytes) else json.dumps(body).encode(), headers)
+
+
+def test_the_http_door_answers_as_tritonserver_2_51_does(served):
+    """Issue 27's differential run, case by case: what tritonserver 2.51 answered for the same request
+    (scripts/triton_side_by_side.py prints both). Triton's 500s for a client's mistake stay 400 here,
+    as README's deviations list."""
+    infer = "/v2/models/digits/infer"
+    good = {"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}
+
+    def outputs(answer):
+        status, body, _ = answer
+        assert status == 200, body[:300]
+        return [(o["name"], o["datatype"], "parameters" in o) for o in json.loads(body)["outputs"]]
+
+    # trace settings: only trace_level is a list
+    trace = json.loads(_http(served, "/v2/trace/setting")[1])
+    assert trace["trace_level"] == ["OFF"] and trace["trace_rate"] == "1000" and trace["log_frequency"] == "0"
+    # zero and default fields are there
+    stats = json.loads(_http(served, "/v2/models/digits/stats")[1])["model_stats"][0]
+    assert stats["memory_usage"] == [] and stats["response_stats"] == {}
+    assert stats["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0} == stats["inference_stats"]["cache_miss"]
+    config = json.loads(_http(served, "/v2/models/digits/config")[1])
+    for key in ("runtime", "batch_input", "batch_output", "optimization", "model_warmup", "metric_tags"):
+        assert key in config, key
+    assert config["input"][0]["is_shape_tensor"] is False and config["input"][0]["allow_ragged_batch"] is False
+    assert config["output"][0]["label_filename"] == "" and config["output"][0]["is_non_linear_format_io"] is False
+    assert config["optimization"]["input_pinned_memory"] == {"enable": True}
+    # requests Triton refuses
+    refused = [
+        {"inputs": [{**good, "data": [str(v) for v in good["data"]]}]},  # FP32 as JSON strings
+        {"inputs": [{**good, "data": [True] * 1024}]},
+        {"id": 7, "inputs": [good]},  # a numeric id
+    ]
+    for body in refused:
+        status, answer, _ = _post(served, infer, body)
+        assert status == 400 and json.loads(answer)["error"], body.get("id", body["inputs"][0]["data"][:1])
+    header = json.dumps({"inputs": [{**good, "data": None, "parameters": {"binary_data_size": 4096}}]}).encode()
+    header = header.replace(b'"data": null, ', b"")
+    status, answer, _ = _post(
+        served, infer, header + bytes(4096) + b"tail", {"Inference-Header-Content-Length": str(len(header))}
+    )
+    assert status == 400 and "unexpected additional input data" in json.loads(answer)["error"]
+    # binary_data_output applies only where no output is named; the first request of an output is kept;
+    # classification 0 is the plain tensor; outputs come in the model's order
+    named = {"inputs": [good], "outputs": [{"name": "logits"}], "parameters": {"binary_data_output": True}}
+    assert outputs(_post(served, infer, named)) == [("logits", "FP32", False)]
+    twice = [{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 1}}]
+    assert outputs(_post(served, infer, {"inputs": [good], "outputs": twice})) == [("probabilities", "FP32", False)]
+    twice.reverse()
+    assert outputs(_post(served, infer, {"inputs": [good], "outputs": twice})) == [("probabilities", "BYTES", False)]
+    zero = [{"name": "probabilities", "parameters": {"classification": 0}}]
+    assert outputs(_post(served, infer, {"inputs": [good], "outputs": zero})) == [("probabilities", "FP32", False)]
+    order = [{"name": "conv1"}, {"name": "probabilities"}, {"name": "logits"}]
+    got = [name for name, _, _ in outputs(_post(served, infer, {"inputs": [good], "outputs": order}))]
+    assert got == ["logits", "probabilities", "conv1"]
+    # not ready, unknown, no route
+    status, body, headers = _http(served, "/v2/models/nope/ready")
+    assert (status, json.loads(body), headers["Content-Type"]) == (400, {"error": "Model version not ready"}, "text/plain; charset=utf-8")
+    assert _post(served, "/v2/models/nope/infer", {})[0] == 404  # looked up before the body is read
+    assert _post(served, "/v2/models/digits/versions/abc/infer", {"inputs": [good]})[0] == 404
+    for answer in (_http(served, "/v2/no/such/route"), _http(served, "/v2/health/live", b"x")):
+        assert answer[0] in (404, 405) and answer[2]["Content-Type"].startswith("text/plain")
+    assert _post(served, infer, b"xx", {"Content-Encoding": "br"})[0] == 501
+    # shared memory: offset a number, a name registered once (400 the second time, as Triton's HTTP)
+    block = b"\0" * 4096
+    key = f"/convserve_probe_{os.getpid()}"
+    fd = os.open(f"/dev/shm{key}", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, block)
+        region = "/v2/systemsharedmemory/region/probe"
+        assert _post(served, region + "/register", {"key": key, "offset": "0", "byte_size": 4096})[0] == 400
+        assert _post(served, region + "/register", {"key": key, "offset": 0, "byte_size": 4096})[0] == 200
+        assert _post(served, region + "/register", {"key": key, "offset": 0, "byte_size": 4096})[0] == 400
+        assert json.loads(_http(served, region + "/status")[1])[0]["offset"] == 0
+        assert _post(served, "/v2/systemsharedmemory/unregister")[0] == 200
+    finally:
+        os.close(fd)
+        os.unlink(f"/dev/shm{key}")
+    cuda = {"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64}
+    assert _post(served, "/v2/cudasharedmemory/region/c/register", cuda)[0] == 501  # the route is there
+    # unload of an unknown model: 200, empty; an unknown log key is ignored; extensions as served
+    assert _post(served, "/v2/repository/models/no_such_model/unload")[:2] == (200, b"")
+    status, body, _ = _post(served, "/v2/logging", {"no_such_key": True})
+    assert status == 200 and "no_such_key" not in json.loads(body)
+    extensions = set(json.loads(_http(served, "/v2")[1])["extensions"])
+    assert {"parameters", "trace", "statistics", "system_shared_memory"} <= extensions
+    assert "cuda_shared_memory" not in extensions and "sequence" not in extensions
 
 
 def test_every_arena_block_comes_back_whatever_happens_to_its_request(served):

@@ -108,6 +108,20 @@ def _walk(message, prefix=""):
         yield from _walk(nested, prefix + message.name + ".")
 
 
+# What Triton 2.51 sends that the tritonclient pip installs here (2.41) does not know yet; their numbers
+# were checked against tritonclient 2.73's descriptors (`InferResponseStatistics` fields 1-6,
+# `ModelStatistics.response_stats` = 9, `is_non_linear_format_io` = 9 in ModelInput, 7 in ModelOutput,
+# `ModelConfig.runtime` = 25)
+NEWER_THAN_TRITONCLIENT_2_41 = {
+    "ModelStatistics.response_stats",
+    "ModelStatistics.ResponseStatsEntry",
+    "InferResponseStatistics",
+    "ModelInput.is_non_linear_format_io",
+    "ModelOutput.is_non_linear_format_io",
+    "ModelConfig.runtime",
+}
+
+
 def test_wire_compatible_with_tritonclient():
     from tritonclient.grpc import model_config_pb2 as triton_mc
     from tritonclient.grpc import service_pb2 as triton_pb
@@ -136,8 +150,12 @@ def test_wire_compatible_with_tritonclient():
         theirs_by_name = dict(m for top in their_file.message_types_by_name.values() for m in _walk(top))
         for top in our_file.message_types_by_name.values():
             for name, message in _walk(top):
+                if name in NEWER_THAN_TRITONCLIENT_2_41:
+                    continue
                 their_fields = _fields(theirs_by_name[name])
                 for field, signature in _fields(message).items():
+                    if f"{name}.{field}" in NEWER_THAN_TRITONCLIENT_2_41:
+                        continue
                     assert their_fields[field] == signature, f"{name}.{field}"
                     checked += 1
     assert checked > 100

@@ -58,7 +58,13 @@ def _log_value(value: Any) -> Any:
 
 
 def _trace_value(value: Any) -> list[str]:
+    """A trace setting as set over HTTP: a string (Triton's JSON), or a list of them (trace_level's)."""
     return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _trace_answer(settings: dict[str, list[str]]) -> dict[str, Any]:
+    """Trace settings as Triton's HTTP answers them: trace_level a list, every other one a string."""
+    return {key: values if key == "trace_level" else (values[0] if values else "") for key, values in settings.items()}
 
 
 class HttpDoor:
@@ -86,11 +92,12 @@ class HttpDoor:
 
         route("GET", "/v2/health/live", _handler(lambda r: core.live(), _presence))
         route("GET", "/v2/health/ready", _handler(lambda r: core.ready(), _presence))
+        # a version is a number: "versions/abc" is no route (404), as in Triton
         route("GET", "/v2", _handler(lambda r: core.server_metadata()))
         route("GET", "/v2/models/stats", _handler(lambda r: core.statistics()))
-        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
             route("GET", prefix, _handler(lambda r: core.model_metadata(*_named(r))))
-            route("GET", prefix + "/ready", _handler(lambda r: core.model_ready(*_named(r)), _presence))
+            route("GET", prefix + "/ready", _handler(lambda r: core.model_ready(*_named(r)), _model_presence))
             route("GET", prefix + "/config", _handler(lambda r: core.model_config(*_named(r))))
             route("GET", prefix + "/stats", _handler(lambda r: core.statistics(*_named(r))))
             route("POST", prefix + "/infer", self._infer)
@@ -104,6 +111,7 @@ class HttpDoor:
         route("GET", shm + "/region/{region}/status", _handler(lambda r: core.shm_status(_region(r))))
         route("POST", shm + "/unregister", _handler(lambda r: core.shm_unregister(), _empty))
         route("POST", shm + "/region/{region}/unregister", _handler(lambda r: core.shm_unregister(_region(r)), _empty))
+        route("POST", cuda + "/region/{region}/register", _handler(lambda r: core.cuda_shm_register(), _empty))
         route("GET", cuda + "/status", _handler(lambda r: core.cuda_shm_status()))
         route("GET", cuda + "/region/{region}/status", _handler(lambda r: core.cuda_shm_status(_region(r))))
         for path in (cuda + "/unregister", cuda + "/region/{region}/unregister"):
@@ -147,6 +155,8 @@ class HttpDoor:
                 refused = web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
                 refused.force_close()
                 return refused
+            if exc.status in (404, 405):  # no such route, or not this method: as Triton (labelled text/plain)
+                return web.Response(text=json.dumps({"error": exc.reason}), status=exc.status, content_type="text/plain")
             answer = web.json_response({"error": exc.reason}, status=exc.status)
             if exc.status == 408:
                 answer.force_close()  # not waiting for the rest of a body that is late
@@ -193,10 +203,11 @@ class HttpDoor:
         body = await _json(await self._body(request))
         if not isinstance(body, dict):
             raise InvalidInput("the register body is a JSON object: key, offset, byte_size")
-        try:
-            key, offset, size = str(body.get("key", "")), int(body.get("offset", 0)), int(body.get("byte_size", 0))
-        except (TypeError, ValueError):
-            raise InvalidInput("offset and byte_size are non-negative integers") from None
+        key, offset, size = body.get("key", ""), body.get("offset", 0), body.get("byte_size", 0)
+        if not isinstance(key, str):
+            raise InvalidInput("key is a string: the shared-memory object's name")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, size)):
+            raise InvalidInput("offset and byte_size are non-negative integers (JSON numbers)")
         await self.core.shm_register(_region(request), key, offset, size)
 
     async def _settings_body(self, request: web.Request) -> dict:
@@ -212,9 +223,9 @@ class HttpDoor:
         updates = {str(k): _log_value(v) for k, v in (await self._settings_body(request)).items()}
         return self.core.log_settings(updates)
 
-    async def _trace_settings(self, request: web.Request) -> dict[str, list[str]]:
+    async def _trace_settings(self, request: web.Request) -> dict[str, Any]:
         updates = {str(k): _trace_value(v) for k, v in (await self._settings_body(request)).items()}
-        return self.core.trace_settings(request.match_info.get("model", ""), updates)
+        return _trace_answer(self.core.trace_settings(request.match_info.get("model", ""), updates))
 
     async def _index(self, request: web.Request) -> list[dict[str, Any]]:
         body = await _json(await self._body(request))
@@ -228,6 +239,7 @@ class HttpDoor:
         timeout = core.settings.http_request_timeout
         deadline = time.monotonic() + timeout if timeout else None
         with core.inference("ModelInfer", name) as outcome:
+            core.served(name, version)  # an unknown model is 404 before its body is read, as in Triton
             body = await self._body(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None:
@@ -267,11 +279,18 @@ def _handler(call: Callable[[web.Request], Any], answer: Callable[[Any], web.Res
 
 def _presence(ready: bool) -> web.Response:
     """V2's health and readiness: the status says it (200 yes, 400 no), the body is empty."""
-    return web.Response(status=200 if ready else 400)
+    return web.Response(status=200 if ready else 400, content_type="text/plain")
+
+
+def _model_presence(ready: bool) -> web.Response:
+    """A model's readiness: as the server's, with Triton's reason when it is not ready."""
+    if ready:
+        return web.Response(status=200, content_type="text/plain")
+    return web.Response(text=json.dumps({"error": "Model version not ready"}), status=400, content_type="text/plain")
 
 
 def _empty(_: None) -> web.Response:
-    return web.Response(status=200)
+    return web.Response(status=200, content_type="application/json")
 
 
 def _png(data: bytes) -> web.Response:

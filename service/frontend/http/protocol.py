@@ -77,16 +77,22 @@ def parse_infer_request(
         else:
             read.values = _values(tensor, input_name, datatype)
         inputs.append(read)
+    if offset != len(binary):  # as Triton: bytes no input claims are a mistake, not padding
+        raise InvalidInput(f"unexpected additional input data for model {name!r}: {len(binary) - offset} bytes")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput("the request's id is a JSON string")
     outputs = []
-    for output in header.get("outputs") or []:
-        if not isinstance(output, dict):
-            raise InvalidInput("each requested output is a JSON object")
+    for output in _requested(header):
         output_name = str(output.get("name", ""))
-        outputs.append((output_name, _parameters(output.get("parameters"), f"output {output_name!r}")))
+        parameters = dict(_parameters(output.get("parameters"), f"output {output_name!r}"))
+        if parameters.get("classification") == 0 and not isinstance(parameters["classification"], bool):
+            del parameters["classification"]  # over HTTP, as Triton: classification 0 is the plain tensor
+        outputs.append((output_name, parameters))
     return parse_request(
         name,
         version,
-        str(header.get("id", "")),
+        request_id,
         _parameters(header.get("parameters"), "request"),
         inputs,
         outputs,
@@ -94,13 +100,27 @@ def parse_infer_request(
     )
 
 
+def _requested(header: dict) -> list[dict]:
+    """The outputs a request names, each once: as Triton's HTTP endpoint, the first request of an
+    output is the one kept (gRPC's rule differs: see inference._requested_outputs)."""
+    outputs, seen = [], set()
+    for output in header.get("outputs") or []:
+        if not isinstance(output, dict):
+            raise InvalidInput("each requested output is a JSON object")
+        name = str(output.get("name", ""))
+        if name not in seen:
+            seen.add(name)
+            outputs.append(output)
+    return outputs
+
+
 def infer_response(header: dict, result: InferResult) -> tuple[bytes, int]:
-    """The answer's body and the JSON part's length (the body's length when it has no binary part)."""
+    """The answer's body and the JSON part's length (the body's length when it has no binary part).
+    An output is binary when its own `binary_data` says so; the request's `binary_data_output`
+    applies only when no output is named, as in Triton."""
     everything_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
     binary_wanted = {
-        str(o.get("name")): bool((o.get("parameters") or {}).get("binary_data", everything_binary))
-        for o in header.get("outputs") or []
-        if isinstance(o, dict)
+        str(o.get("name")): bool((o.get("parameters") or {}).get("binary_data", False)) for o in _requested(header)
     }
     outputs, chunks = [], []
     for tensor in result.outputs:
