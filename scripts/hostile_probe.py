@@ -1,18 +1,25 @@
-"""Issue 17's hostile cases against a real `convserve serve`, each with what it cost the server.
+"""Issues 17's and 27's hostile cases against a real `convserve serve`, each with what it cost the server.
 
-    .venv/bin/python scripts/hostile_probe.py MODEL_REPOSITORY
+    .venv/bin/python scripts/hostile_probe.py MODEL_REPOSITORY [WORDS]
+
+(WORDS: only the cases whose title holds them, e.g. "SIGSTOP")
 
 Starts a server on free ports, then runs each case in turn while a thread checks health every 20 ms
 and samples the server's process tree (RSS, open file descriptors) every 50 ms. Prints one table
 row per case: the answer, the worst health latency, RSS and descriptors before / at peak / after,
-and what was left behind (files under /dev/shm and the run folder, processes).
+and what was left behind (files under /dev/shm and the run folder, processes). The cases of one
+process at a time (a stopped front-end, a frozen engine, a second server on the port) start servers
+of their own and watch those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import gzip
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,8 +28,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 
 import grpc
@@ -125,16 +134,32 @@ def codes(calls) -> str:
 
 
 class Server:
-    def __init__(self, repository: str, *flags: str) -> None:
-        self.port, self.metrics_port = free_ports(2)
+    def __init__(self, repository: str, *flags: str, port: int = 0, wait: bool = True) -> None:
+        self.port, self.metrics_port, self.http_port = free_ports(3)
+        self.port = port or self.port
         self.url = f"127.0.0.1:{self.port}"
+        self.http = f"http://127.0.0.1:{self.http_port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)  # noqa: SIM115 (kept: the log)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "convserve", "serve", "--repository", repository, "--host", "127.0.0.1",
-             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", "0", *flags],
+             "--grpc-port", str(self.port), "--metrics-port", str(self.metrics_port),
+             "--http-port", str(self.http_port), *flags],
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_until_ready(self.url, self.process, 120)
+        if wait:
+            wait_until_ready(self.url, self.process, 120)
+
+    def output(self) -> str:
+        with open(self.log.name) as handle:
+            return handle.read()
+
+    def pids(self) -> dict[str, int]:
+        """The engine's and each front-end's pid, as the log names them (the latest of each)."""
+        text = self.output()
+        found = {"engine": int(re.findall(r"engine pid (\d+) ready", text)[-1])}
+        for index, pid in re.findall(r"front-end (\d+) \(pid (\d+)\) connected", text):
+            found[f"frontend-{index}"] = int(pid)
+        return found
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -294,6 +319,189 @@ def case_load_unload(server: Server, stub) -> str:
     return ", ".join(f"{n} {c}" for c, n in failures.items()) + " (60 calls)"
 
 
+# ---- issue 27: the HTTP door, the arenas, and one process at a time ------------------------------
+
+
+def _http(base: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> int:
+    request = urllib.request.Request(base + path, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            answer.read()
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError as exc:  # reset, refused, timed out
+        return {"timed out": 0}.get(str(getattr(exc, "reason", exc)), -1)
+
+
+def _statuses(values) -> str:
+    return ", ".join(f"{n} × {c}" for c, n in Counter(values).most_common())
+
+
+def case_cancel_storm(server: Server, stub) -> str:
+    """500 requests for every feature map with 1-30 ms deadlines on an 8 MiB arena, then 3 images."""
+    every = ["logits", "probabilities", "conv1", "conv2", "conv3", "conv4"]
+    x = np.random.default_rng(0).standard_normal((8, 1, 32, 32)).astype(np.float32)
+    request = build_request("digits", array=x, outputs=every)
+
+    def one(i: int) -> str:
+        try:
+            stub.ModelInfer(request, timeout=0.001 + (i % 30) / 1000)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    with ThreadPoolExecutor(16) as pool:
+        storm = _statuses(pool.map(one, range(500)))
+    time.sleep(0.5)
+    three = build_request("digits", array=x[:3], outputs=every)
+    after = codes([lambda: stub.ModelInfer(three, timeout=30)])
+    return f"{storm}; then 3 images, every map: {after}"
+
+
+def case_idle_http(server: Server, stub) -> str:
+    held = []
+    for _ in range(1000):
+        try:
+            held.append(socket.create_connection(("127.0.0.1", server.http_port), timeout=5))
+        except OSError:
+            break
+    for sock in held[::2]:  # half of them start a request head and never end it
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    closed = 0
+    for sock in held:
+        sock.settimeout(max(0.1, started + 15 - time.monotonic()))
+        with contextlib.suppress(OSError):
+            closed += sock.recv(1) == b""
+        sock.close()
+    took = time.monotonic() - started
+    live = _http(server.http, "/v2/health/live")
+    return f"{len(held)} opened, {closed} closed by the server in {took:.1f} s; then GET live: {live}"
+
+
+def case_gzip_bombs(server: Server, stub) -> str:
+    bomb = gzip.compress(bytes(1 << 30), compresslevel=9)  # 1 GiB of zeros, about 1 MiB
+
+    def send(_: int) -> int:
+        return _http(server.http, "/v2/models/digits/infer", bomb, {"Content-Encoding": "gzip"}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    return f"{len(bomb) // 1024} KiB each: {_statuses(answers)}"
+
+
+def case_malformed_bodies(server: Server, stub) -> str:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    good = {"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}
+    infer = "/v2/models/digits/infer"
+    big = {"inputs": [good], "outputs": [{"name": "logits", "parameters": {"classification": 2**64}}]}
+    cases = [
+        (infer, deep, {}),
+        (infer, json.dumps({"inputs": [{**good, "data": "D"}]}).encode().replace(b'"D"', deep), {}),
+        ("/v2/repository/index", deep, {}),
+        (infer, json.dumps({"inputs": [good]}).encode(), {"Inference-Header-Content-Length": "²"}),
+        (infer, json.dumps(big).encode(), {}),
+        (infer, json.dumps({"inputs": [good], "parameters": {"priority": 2**63}}).encode(), {}),
+    ]
+    return _statuses(_http(server.http, path, body, headers) for path, body, headers in cases) + " (6 cases)"
+
+
+def case_large_json(server: Server, stub) -> str:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32],
+                                   "data": [0.123456789] * 1024}], "pad": "x" * (5 << 20)}).encode()  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _http(server.http, "/v2/models/digits/infer", body), range(4)))
+    return f"{len(body) >> 20} MB each: {_statuses(answers)}"
+
+
+def _fresh_health(url: str, timeout: float = 0.5) -> str:
+    try:
+        # a new connection each time, as a probe makes (a local pool: gRPC would otherwise reuse a
+        # connection another channel of this process holds to the same address)
+        with grpc.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def _within(seconds: float, condition) -> float | None:
+    """Seconds until condition() holds, or None."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return None
+
+
+def process_cases(repository: str) -> list:
+    """Cases that stop or kill one process of a server of their own (each row watches that server)."""
+
+    def stopped_frontend(server: Server) -> str:
+        stopped = server.pids()["frontend-0"]
+        os.kill(stopped, signal.SIGSTOP)
+        took = _within(15, lambda: all(_fresh_health(server.url) == "SERVING" for _ in range(10)))
+        restarted = _within(30, lambda: server.pids().get("frontend-0") not in (None, stopped))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+        return (
+            f"10 fresh connections in a row SERVING {took:.2f} s after the SIGSTOP; "
+            f"the stopped one killed and a new front-end connected {restarted:.1f} s later"
+            if took is not None and restarted is not None
+            else f"not served again within 15 s (restart: {restarted})"
+        )
+
+    def frozen_engine(server: Server) -> str:
+        engine = server.pids()["engine"]
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32],
+                                       "data": [0.0] * 1024}]}).encode()  # fmt: skip
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            not_serving = _within(5, lambda: _fresh_health(server.url) == "NOT_SERVING")
+            started = time.monotonic()
+            http = _http(server.http, "/v2/models/digits/infer", body)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        serving = _within(5, lambda: _fresh_health(server.url) == "SERVING")
+        return (
+            f"NOT_SERVING {not_serving:.2f} s after the SIGSTOP; HTTP infer {http} after {waited:.1f} s "
+            f"(--http-request-timeout 2); SERVING {serving:.2f} s after SIGCONT"
+        )
+
+    def killed_in_start(server: Server) -> str:
+        deadline = time.monotonic() + 60
+        while not (loaded := re.search(r"engine pid (\d+) ready", server.output())):
+            if time.monotonic() > deadline or server.process.poll() is not None:
+                return "the engine never came up"
+            time.sleep(0.01)
+        os.kill(int(loaded.group(1)), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until_ready(server.url, server.process, 60)
+        return f"kill -9 of the engine before the front-ends connected: serving {time.monotonic() - killed:.1f} s later"
+
+    def second_server(server: Server) -> str:
+        second = Server(repository, port=server.port, wait=False)
+        code = second.process.wait(60)
+        lines = [line for line in second.output().splitlines() if line.strip()]
+        return f"the second exits {code}: {lines[-1][:120] if lines else '(no output)'}"
+
+    return [
+        ("SIGSTOP one of 2 front-ends", lambda: Server(repository, "--frontends", "2"), stopped_frontend),
+        ("SIGSTOP the engine", lambda: Server(repository, "--http-request-timeout", "2"), frozen_engine),
+        (
+            "engine killed while 2 front-ends start",
+            lambda: Server(repository, "--frontends", "2", wait=False),
+            killed_in_start,
+        ),
+        ("a second server on the same port", lambda: Server(repository), second_server),
+    ]
+
+
 def files() -> set[str]:
     return set(glob.glob("/dev/shm/*")) | set(glob.glob(os.path.join(tempfile.gettempdir(), "convserve-run-*")))
 
@@ -304,7 +512,11 @@ def leftovers(before: set[str]) -> str:
 
 def main() -> None:
     repository = sys.argv[1]
-    server = Server(repository, "--max-health-watches", "64")
+    only = sys.argv[2] if len(sys.argv) > 2 else ""
+    server = Server(
+        repository, "--max-health-watches", "64", "--arena-mib", "8",
+        "--http-head-timeout", "5", "--http-max-connections", "1024",
+    )  # fmt: skip
     channel = grpc.insecure_channel(server.url)
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     cases = [
@@ -316,10 +528,17 @@ def main() -> None:
         ("1,011 idle sockets to /metrics", case_metrics_sockets),
         ("filters.npz declaring 512 MiB", lambda s, st: case_filters_bomb(s, st, repository)),
         ("3 clients toggling load/unload", case_load_unload),
+        ("500 requests, every map, 1-30 ms deadlines, arena 8 MiB", case_cancel_storm),
+        ("1,000 idle / half-head HTTP connections (head timeout 5 s)", case_idle_http),
+        ("8 gzip bombs at once (1 GiB of zeros each)", case_gzip_bombs),
+        ("malformed HTTP bodies (deep JSON, '²', > int64)", case_malformed_bodies),
+        ("4 × 5 MB JSON bodies at once", case_large_json),
     ]
     print("| case | answer | worst health | RSS MB before / peak / after | fds before / peak / after | left behind |")
     print("|---|---|---|---|---|---|")
     for title, case in cases:
+        if only not in title:
+            continue
         before = files()
         with Watch(server.url, server.process.pid) as watch:
             answer = case(server, stub)
@@ -330,6 +549,25 @@ def main() -> None:
             flush=True,
         )
     channel.close()
+    for title, start, case in process_cases(repository):
+        if only not in title:
+            continue
+        before = files()
+        own = start()
+        try:
+            with Watch(own.url, own.process.pid) as watch:
+                answer = case(own)
+        finally:
+            own.stop()
+        (b_rss, b_fd), (p_rss, p_fd), (a_rss, a_fd) = watch.before, watch.peak, watch.after
+        print(
+            f"| {title} | {answer} | {watch.worst * 1000:.0f} ms{f' ({watch.failed} failed)' if watch.failed else ''} "
+            f"| {b_rss:.0f} / {p_rss:.0f} / {a_rss:.0f} | {b_fd} / {p_fd} / {a_fd} | {leftovers(before)} |",
+            flush=True,
+        )
+    if only:
+        server.stop()
+        return
     # supervisor signals
     pids = tree(server.process.pid)
     server.process.send_signal(signal.SIGHUP)

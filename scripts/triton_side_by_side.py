@@ -328,10 +328,17 @@ def http_probes(base: str) -> dict[str, str]:
     out["numeric id"] = status(infer({"id": 7, "inputs": [tensor]}))
     named = infer({"inputs": [tensor], "outputs": [{"name": "logits"}], "parameters": {"binary_data_output": True}})
     out["binary_data_output with outputs named"] = (
-        f"{named[0]} " + ",".join(sorted(o["name"] + ("(binary)" if "parameters" in o else "(json)") for o in named[2]["outputs"]))
-        if named[0] == 200 else status(named)
+        f"{named[0]} "
+        + ",".join(sorted(o["name"] + ("(binary)" if "parameters" in o else "(json)") for o in named[2]["outputs"]))
+        if named[0] == 200
+        else status(named)
     )
-    twice = infer({"inputs": [tensor], "outputs": [{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 1}}]})
+    twice = infer(
+        {
+            "inputs": [tensor],
+            "outputs": [{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 1}}],
+        }
+    )
     out["same output twice (plain, then classification)"] = (
         ";".join(f"{o['name']}:{o['datatype']}" for o in twice[2]["outputs"]) if twice[0] == 200 else status(twice)
     )
@@ -347,7 +354,12 @@ def http_probes(base: str) -> dict[str, str]:
     out["infer version abc"] = status(infer({"inputs": [tensor]}, "/v2/models/digits/versions/abc/infer"))
     out["Content-Encoding br"] = status(infer(b"xx", headers={"Content-Encoding": "br"}))
     out["CUDA shm register"] = status(
-        _http(base, "POST", "/v2/cudasharedmemory/region/c/register", {"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64})
+        _http(
+            base,
+            "POST",
+            "/v2/cudasharedmemory/region/c/register",
+            {"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64},
+        )
     )
     out["unload unknown model"] = status(_http(base, "POST", "/v2/repository/models/no_such_model/unload"))
     out["unload unknown model body"] = repr(_http(base, "POST", "/v2/repository/models/no_such_model/unload")[2])[:60]
@@ -364,9 +376,10 @@ def http_probes(base: str) -> dict[str, str]:
         )
         _http(base, "POST", "/v2/systemsharedmemory/unregister")
         first = _http(base, "POST", region + "/register", {"key": block.name, "offset": 0, "byte_size": 4096})
-        out["shm register twice"] = status(
-            _http(base, "POST", region + "/register", {"key": block.name, "offset": 0, "byte_size": 4096})
-        ) + f" (first {first[0]})"
+        out["shm register twice"] = (
+            status(_http(base, "POST", region + "/register", {"key": block.name, "offset": 0, "byte_size": 4096}))
+            + f" (first {first[0]})"
+        )
         status_entry = _http(base, "GET", region + "/status")[2]
         out["shm status, offset 0"] = _json.dumps([{**e, "key": "KEY"} for e in status_entry], sort_keys=True)[:200]
         _http(base, "POST", "/v2/systemsharedmemory/unregister")
@@ -379,7 +392,7 @@ def http_probes(base: str) -> dict[str, str]:
         "no inputs": {"outputs": []},
         "inputs not a list": {"inputs": {}},
         "short data": {"inputs": [{**tensor, "data": x[:-1]}]},
-        "long data": {"inputs": [{**tensor, "data": x + [0.0]}]},
+        "long data": {"inputs": [{**tensor, "data": [*x, 0.0]}]},
         "ragged data": {"inputs": [{**tensor, "data": [x[:10], x[10:]]}]},
         "no datatype": {"inputs": [{k: v for k, v in tensor.items() if k != "datatype"}]},
         "no shape": {"inputs": [{k: v for k, v in tensor.items() if k != "shape"}]},
@@ -419,6 +432,7 @@ def _same(theirs: str, ours) -> bool:
     if isinstance(ours, str) and re.match(r"\d{3} ", theirs) and re.match(r"\d{3} ", ours):
         return theirs.split(" ")[:2] == ours.split(" ")[:2]
     return theirs == ours
+
 
 if __name__ == "__main__":
     main()

@@ -236,7 +236,7 @@ class FrontendCore:
                     },
                 ],
                 "output": [
-                    {"name": o.name, "data_type": "TYPE_FP32", "dims": list(o.shape[1:]), "label_filename": "", **tensor}
+                    {"name": o.name, "data_type": "TYPE_FP32", "dims": list(o.shape[1:]), "label_filename": ""} | tensor
                     for o in model.card.outputs
                 ],
                 "batch_input": [],

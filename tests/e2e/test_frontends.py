@@ -43,6 +43,11 @@ def _channels_on_each_frontend(url: str, count: int, tries: int = 200) -> dict[s
     raise AssertionError(f"only reached front-ends {sorted(found)}")
 
 
+# a channel of its own connection: gRPC otherwise shares one with any channel of this process to the
+# same address, and a "fresh" probe would ride an old connection
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def _pids(server: RunningServer) -> dict[str, int]:
     """The engine's and each front-end's pid, as the log names them (the latest of each)."""
     text = open(server.log_path).read()
@@ -250,7 +255,7 @@ def test_a_frozen_engine_is_not_serving_within_2_s_and_http_requests_end_at_thei
             return exc.code
 
     def health():
-        with grpc.insecure_channel(server.url) as channel:  # a fresh connection, as a probe makes
+        with grpc.insecure_channel(server.url, options=FRESH) as channel:  # a fresh connection, as a probe makes
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
 
     def within(seconds, condition):
@@ -289,7 +294,7 @@ def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_s
 
     def fresh_health() -> bool:
         try:
-            with grpc.insecure_channel(server.url) as channel:  # a new connection each time
+            with grpc.insecure_channel(server.url, options=FRESH) as channel:  # a new connection each time
                 answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 return answer.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:

@@ -156,7 +156,8 @@ class HttpDoor:
                 refused.force_close()
                 return refused
             if exc.status in (404, 405):  # no such route, or not this method: as Triton (labelled text/plain)
-                return web.Response(text=json.dumps({"error": exc.reason}), status=exc.status, content_type="text/plain")
+                text = json.dumps({"error": exc.reason})
+                return web.Response(text=text, status=exc.status, content_type="text/plain")
             answer = web.json_response({"error": exc.reason}, status=exc.status)
             if exc.status == 408:
                 answer.force_close()  # not waiting for the rest of a body that is late
