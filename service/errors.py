@@ -78,6 +78,20 @@ class ModelNotReady(ServingError):
     code = Code.UNAVAILABLE
 
 
+class BodyTooLarge(ServingError):
+    """An HTTP body (or what it inflates to) over the body limit: 413, and the connection closes."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class BodyTimeout(ServingError):
+    """An HTTP body that did not arrive in time: 408, and the connection closes."""
+
+    code = Code.DEADLINE_EXCEEDED
+    http_status = 408
+
+
 class QueueFull(ServingError):
     code = Code.RESOURCE_EXHAUSTED
 
@@ -156,4 +170,4 @@ _HTTP_STATUS = {
 def http_status_of(error: BaseException) -> tuple[int, str]:
     """(HTTP status, message) for any exception, as Triton's HTTP endpoint answers the same case."""
     code, message = status_of(error)
-    return _HTTP_STATUS.get(code, 500), message
+    return getattr(error, "http_status", None) or _HTTP_STATUS.get(code, 500), message

@@ -283,6 +283,29 @@ def test_the_http_door_answers_as_tritonserver_2_51_does(served):
     assert "cuda_shared_memory" not in extensions and "sequence" not in extensions
 
 
+def test_large_json_bodies_are_parsed_in_a_worker_process_with_the_same_answers(served):
+    """Issue 27: JSON's parser holds the GIL, so a body over 1 MB is parsed by a worker process of
+    the front-end; the answers (and the refusals) are those of a small body."""
+    infer = "/v2/models/digits/infer"
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": X[0].ravel().tolist()}
+    request = {"inputs": [tensor], "outputs": [{"name": "logits"}]}
+    small = _post(served, infer, request)
+    large = _post(served, infer, {**request, "pad": [0.5] * 300_000})  # about 1.5 MB, a key V2 ignores
+    assert small[0] == large[0] == 200
+    assert json.loads(small[1])["outputs"] == json.loads(large[1])["outputs"]
+    workers = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and b"jsonparse" in open(f"/proc/{pid}/cmdline", "rb").read()
+    ]
+    assert workers, "no JSON worker process"
+    strings = {"inputs": [{**tensor, "data": [str(v) for v in tensor["data"]]}], "pad": [0.5] * 300_000}
+    status, body, _ = _post(served, infer, strings)
+    assert status == 400 and "FP32 numbers" in json.loads(body)["error"]
+    status, body, _ = _post(served, infer, b'{"inputs": [' + b"1," * 600_000)
+    assert status == 400 and "does not parse" in json.loads(body)["error"]
+
+
 def test_every_arena_block_comes_back_whatever_happens_to_its_request(served):
     """Issue 27's fault 1: requests cut short by their deadline at any moment (before the engine,
     in its queue, or after it answered but before the answer was read) leave no block behind."""

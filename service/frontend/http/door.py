@@ -23,10 +23,11 @@ from typing import Any, Optional
 from aiohttp import web
 
 from ...connections import ConnectionLimits
-from ...errors import Code, InvalidInput, Unimplemented, http_status_of
+from ...errors import BodyTimeout, BodyTooLarge, Code, InvalidInput, Unimplemented, http_status_of
 from ...rules import BearerToken
 from ..core import FrontendCore
 from ..observe import LOGGED, Outcome
+from .jsonparse import JsonParser, parse
 from .protocol import HEADER_LENGTH, infer_response, parse_infer_request
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class HttpDoor:
         self._connections = connections  # told when a request's head has come
         self.body_timeout = body_timeout
         self._inflating = asyncio.Semaphore(1)
+        self._parser = JsonParser()  # an inference body's JSON: large ones in a worker process
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._guard])
@@ -130,7 +132,11 @@ class HttpDoor:
         route("GET", "/", self._page)
         app.router.add_static("/static/", STATIC, follow_symlinks=False)
         app.on_response_prepare.append(_security_headers)
+        app.on_cleanup.append(self._close)
         return app
+
+    async def _close(self, app: web.Application) -> None:
+        await self._parser.aclose()
 
     async def _page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(os.path.join(STATIC, "index.html"))
@@ -150,22 +156,18 @@ class HttpDoor:
             )
         try:
             return await handler(request)
-        except web.HTTPException as exc:  # aiohttp's own (unknown route, body too large): V2's error shape
-            if exc.status == 413:  # and the rest of it is not read
-                refused = web.json_response({"error": f"request body over {self.max_body_bytes} bytes"}, status=413)
-                refused.force_close()
-                return refused
+        except web.HTTPException as exc:  # aiohttp's own (unknown route, wrong method): V2's error shape
             if exc.status in (404, 405):  # no such route, or not this method: as Triton (labelled text/plain)
                 text = json.dumps({"error": exc.reason})
                 return web.Response(text=text, status=exc.status, content_type="text/plain")
-            answer = web.json_response({"error": exc.reason}, status=exc.status)
-            if exc.status == 408:
-                answer.force_close()  # not waiting for the rest of a body that is late
-            return answer
+            return web.json_response({"error": exc.reason}, status=exc.status)
         except Exception as exc:  # a bug is logged by the core's observe; one outside a call, here
             if http_status_of(exc)[0] == 500 and not getattr(exc, LOGGED, False):
                 log.error("HTTP %s %s failed", request.method, request.path[:200], exc_info=exc)
-            return _error(exc)
+            answer = _error(exc)
+            if isinstance(exc, (BodyTooLarge, BodyTimeout)):
+                answer.force_close()  # the rest of that body is not read, nor waited for
+            return answer
 
     async def _body(self, request: web.Request) -> bytes:
         """The body, inflated when its Content-Encoding is gzip or deflate (as Triton takes). aiohttp
@@ -175,9 +177,9 @@ class HttpDoor:
         try:
             data = await asyncio.wait_for(request.read(), self.body_timeout)
         except asyncio.TimeoutError:  # a slow body holds a connection and its buffer: 408, and it closes
-            raise web.HTTPRequestTimeout(reason="the request body did not arrive in time") from None
-        except web.HTTPException:
-            raise
+            raise BodyTimeout("the request body did not arrive in time") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body over {self.max_body_bytes} bytes", limit="body_bytes") from None
         except Exception as exc:  # a connection cut mid-body
             raise InvalidInput(f"the request body could not be read: {str(exc)[:200]}") from None
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -201,7 +203,7 @@ class HttpDoor:
         return {**filters, "weights": base64.b64encode(filters["weights"]).decode()}
 
     async def _shm_register(self, request: web.Request) -> None:
-        body = await _json(await self._body(request))
+        body = parse(await self._body(request))
         if not isinstance(body, dict):
             raise InvalidInput("the register body is a JSON object: key, offset, byte_size")
         key, offset, size = body.get("key", ""), body.get("offset", 0), body.get("byte_size", 0)
@@ -215,7 +217,7 @@ class HttpDoor:
         """What a POST sets (a JSON object of key -> value); a GET sets nothing."""
         if request.method != "POST":
             return {}
-        body = await _json(await self._body(request))
+        body = parse(await self._body(request))
         if not isinstance(body, dict):
             raise InvalidInput("the settings body is a JSON object")
         return body
@@ -229,7 +231,7 @@ class HttpDoor:
         return _trace_answer(self.core.trace_settings(request.match_info.get("model", ""), updates))
 
     async def _index(self, request: web.Request) -> list[dict[str, Any]]:
-        body = await _json(await self._body(request))
+        body = parse(await self._body(request))
         ready = bool(body.get("ready", False)) if isinstance(body, dict) else False
         return await self.core.repository_index(ready=ready)
 
@@ -249,7 +251,7 @@ class HttpDoor:
                 split = int(length)
             else:
                 split = len(body)
-            header = await _json(body[:split])
+            header = await self._parser.request(body[:split])
             parsed = parse_infer_request(name, version, header, memoryview(body)[split:], core.settings.max_batch_size)
             result = await core.infer(parsed, outcome, deadline)
         data, json_length = infer_response(header, result)
@@ -319,18 +321,7 @@ def _inflate(data: bytes, encoding: str, limit: int) -> bytes:
     inflater = zlib.decompressobj(wbits)
     out = inflater.decompress(data, limit + 1)
     if len(out) > limit or inflater.unconsumed_tail:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(out))
+        raise BodyTooLarge(f"request body over {limit} bytes, inflated", limit="body_bytes")
     if not inflater.eof:
         raise zlib.error("the stream ends early")
     return out
-
-
-async def _json(data: bytes) -> Any:
-    if not data:
-        return {}
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("the request's JSON does not parse") from None
-    except RecursionError:  # nesting deeper than Python's parser follows
-        raise InvalidInput("the request's JSON is nested too deep") from None

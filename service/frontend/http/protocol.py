@@ -39,8 +39,8 @@ def _values(tensor: dict, name: str, datatype: str) -> Any:
     data = tensor.get("data")
     if data is None:
         raise InvalidInput(f"input {name!r} has no data (JSON `data` or binary_data_size)")
-    if datatype != "BYTES":
-        return data if isinstance(data, list) else [data]
+    if datatype != "BYTES":  # numbers: a list, or the array a large body's parser made of it
+        return data if isinstance(data, (list, np.ndarray)) else [data]
     items = np.asarray(data, dtype=object).ravel()
     if not all(isinstance(item, str) for item in items):
         raise InvalidInput("BYTES input elements in JSON are base64 strings")
