@@ -18,7 +18,9 @@ that many concurrent asyncio gRPC callers, one image per request, for each case:
     http-json    the same with JSON tensors both ways
 
 Every server figure is printed as a ratio of the limit: throughput / in-process best-batch
-throughput, and p50 latency - in-process batch-1 latency. Client and server share the machine's
+throughput, and p50 latency - in-process batch-1 latency. The server serves the model's newest
+version; with `--baseline-version N` (an FP32 version beside an INT8 one, say) the in-process limit of
+version N is measured too, and each row also gives its throughput as × that limit. Client and server share the machine's
 cores: compare ratios from one run, not absolute numbers across runs.
 
 The load comes from perf_analyzer (C++, in tritonclient[grpc]'s wheel: `bin/perf_analyzer`) where it
@@ -333,10 +335,15 @@ def run(
     progress: Callable[[str], None] = lambda line: None,
     frontends_list: Sequence[int] = (1,),
     driver: str = "auto",
+    baseline_version: int | None = None,
 ) -> dict:
     """Measure; returns {"model", "provider", "limits": {output set: Limit}, "rows": [...]}."""
     folder = version_dir(repository, model, versions(os.path.join(repository, model))[-1])
     card = ModelCard.read(folder)
+    baseline_card = None
+    if baseline_version is not None:
+        baseline_folder = version_dir(repository, model, baseline_version)
+        baseline_card = ModelCard.read(baseline_folder)
     spec = card.preprocess
     c, h, w = spec.input_shape
     pixels = np.random.default_rng(0).integers(0, 256, (h, w, c), dtype=np.uint8)
@@ -373,6 +380,15 @@ def run(
         spent["in-process limits"] += time.perf_counter() - started
     provider = session.get_providers()[0]
     del session  # its threads would compete with the server's
+    baseline_limits = {}
+    if baseline_card is not None:
+        baseline = open_session(os.path.join(baseline_folder, MODEL_FILE), SessionSettings())
+        for key in sorted(wanted_sets):
+            progress(f"in-process limit of version {baseline_version} ({baseline_card.precision}) for {key} ...")
+            started = time.perf_counter()
+            baseline_limits[key] = in_process_limit(baseline, x, output_sets[key], MAX_BATCH_SIZE, seconds)
+            spent["in-process limits"] += time.perf_counter() - started
+        del baseline
 
     output_bytes = {o.name: 4 * int(np.prod(o.shape[1:])) for o in card.outputs}
     pa_data = {
@@ -433,6 +449,14 @@ def run(
                             "outputs": outputs,
                             "server_images_per_s": measured.throughput,
                             "throughput_ratio": measured.throughput / limit.best_images_per_s,
+                            **(
+                                {
+                                    "throughput_vs_baseline": measured.throughput
+                                    / baseline_limits[output_set(case)].best_images_per_s
+                                }
+                                if baseline_limits
+                                else {}
+                            ),
                             "server_p50_ms": measured.percentile(0.5),
                             "server_p99_ms": measured.percentile(0.99),
                             "added_p50_ms": measured.percentile(0.5) - limit.batch1_p50_ms,
@@ -448,9 +472,22 @@ def run(
             server.wait(60)
     return {
         "model": model,
+        "version": card.version,
+        "precision": card.precision,
         "provider": provider,
         "seconds": seconds,
         "limits": {k: vars(v) for k, v in limits.items()},
+        **(
+            {
+                "baseline": {
+                    "version": baseline_version,
+                    "precision": baseline_card.precision,
+                    "limits": {k: vars(v) for k, v in baseline_limits.items()},
+                }
+            }
+            if baseline_card is not None
+            else {}
+        ),
         "driver": "perf_analyzer" if tool is not None else "python",
         "rows": rows,
         "spent_seconds": spent,
@@ -519,24 +556,33 @@ def _over_python(
 
 
 def format_report(report: dict) -> str:
-    lines = [f"model {report['model']} on {report['provider']}; in-process limits (one thread, back-to-back runs):"]
-    for key, limit in report["limits"].items():
-        by_batch = ", ".join(f"b{b}: {v:.0f}" for b, v in limit["images_per_s_by_batch"].items())
-        lines.append(
-            f"  {key:<7} best batch {limit['best_batch']:>3}: {limit['best_images_per_s']:8.1f} img/s; "
-            f"batch 1 p50 {limit['batch1_p50_ms']:.2f} ms; CPU {limit['best_cpu_ms_per_image']:.3f} ms per image "
-            f"at the best batch   ({by_batch})"
-        )
+    title = f"model {report['model']} version {report.get('version', '?')} ({report.get('precision', 'fp32')})"
+    lines = [f"{title} on {report['provider']}; in-process limits (one thread, back-to-back runs):"]
+    baseline = report.get("baseline")
+    sources = [("", report["limits"])]
+    if baseline:
+        sources.append((f"version {baseline['version']} ({baseline['precision']}): ", baseline["limits"]))
+    for prefix, limits in sources:
+        for key, limit in limits.items():
+            by_batch = ", ".join(f"b{b}: {v:.0f}" for b, v in limit["images_per_s_by_batch"].items())
+            lines.append(
+                f"  {prefix}{key:<7} best batch {limit['best_batch']:>3}: {limit['best_images_per_s']:8.1f} img/s; "
+                f"batch 1 p50 {limit['batch1_p50_ms']:.2f} ms; CPU {limit['best_cpu_ms_per_image']:.3f} ms per "
+                f"image at the best batch   ({by_batch})"
+            )
+    against = f"× v{baseline['version']} {baseline['precision']}" if baseline else ""
     header = (
         f"{'fe':>2} {'case':<11} {'clients':>7} {'driver':<13} {'server img/s':>13} {'× best batch':>13} "
-        f"{'p50 ms':>8} {'p50 - b1 ms':>12} {'p99 ms':>8} {'CPU ms/req':>10} {'beyond model':>12}"
+        + (f"{against:>14} " if baseline else "")
+        + f"{'p50 ms':>8} {'p50 - b1 ms':>12} {'p99 ms':>8} {'CPU ms/req':>10} {'beyond model':>12}"
     )
     lines += ["", header, "-" * len(header)]
     for r in report["rows"]:
         lines.append(
             f"{r['frontends']:>2} {r['case']:<11} {r['clients']:>7} {r['driver']:<13} "
             f"{r['server_images_per_s']:>13.1f} {r['throughput_ratio']:>13.2f} "
-            f"{r['server_p50_ms']:>8.2f} {r['added_p50_ms']:>+12.2f} {r['server_p99_ms']:>8.2f} "
+            + (f"{r['throughput_vs_baseline']:>14.2f} " if baseline else "")
+            + f"{r['server_p50_ms']:>8.2f} {r['added_p50_ms']:>+12.2f} {r['server_p99_ms']:>8.2f} "
             f"{r['server_cpu_ms_per_request']:>10.3f} {r['beyond_model_cpu_ms']:>12.3f}"
         )
     spent = report.get("spent_seconds")

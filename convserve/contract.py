@@ -324,6 +324,11 @@ class ModelCard:
     def feature_map_names(self) -> list[str]:
         return [f["name"] for f in self.feature_maps]
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8, as exported (a card from before precisions were recorded: fp32)."""
+        return str(self.export.get("precision", "fp32"))
+
     def to_dict(self) -> dict:
         c, h, w = self.preprocess.input_shape
         return {

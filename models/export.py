@@ -3,7 +3,9 @@
 Graph: input `input` (N, C, H, W) float32 with a dynamic batch; outputs `logits` (N, K),
 `probabilities` (N, K) and one per feature-map tap, named as the zoo names the layer (conv1 ...),
 taken after its activation. Nothing is written until onnx.checker passes and onnxruntime's outputs
-equal PyTorch's within `ATOL` for every output at batch 1 and 7, on real and on random inputs.
+equal PyTorch's within `ATOL` for every output at batch 1 and 7, on real and on random inputs. A
+lower precision (`precision.py`: INT8, FP16) is made from that checked FP32 graph, and is written
+only if its held-out accuracy stays within the gate.
 """
 
 from __future__ import annotations
@@ -20,11 +22,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from convserve.contract import CARD_FILE, FILTERS_FILE, INPUT_NAME, MODEL_FILE, ModelCard, PreprocessSpec, TensorSpec
+from convserve.contract import (
+    CARD_FILE,
+    FILTERS_FILE,
+    INPUT_NAME,
+    MODEL_FILE,
+    ModelCard,
+    PreprocessSpec,
+    TensorSpec,
+    normalize,
+)
 
 from .arithmetic_torch import analyze_module
 from .checkpoint import Checkpoint, CheckpointError
 from .config import TrainError
+from .data import DataError, load_dataset
+from .precision import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_MAX_ACCURACY_DROP,
+    PrecisionError,
+    PrecisionPlan,
+    lower,
+)
 from .repository import write_version
 from .zoo import ZooCNN, get_model
 
@@ -141,12 +160,20 @@ def export_model(
     preprocess: PreprocessSpec,
     training: dict,
     real_inputs: np.ndarray | None = None,
+    precision: PrecisionPlan | None = None,
 ) -> str:
-    """Export, check and write `model` as the next version of `name`; returns the version folder."""
+    """Export, check and write `model` as the next version of `name`; returns the version folder.
+    With a precision plan, the version is the lowered graph (INT8 or FP16), if it passes its gate."""
     input_shape = preprocess.input_shape
     model = model.eval()
     onnx_bytes = to_onnx_bytes(model, input_shape)
     worst = check_parity(model, onnx_bytes, input_shape, real_inputs)
+    record: dict = {"precision": "fp32"}
+    if precision is not None and precision.precision != "fp32":
+        try:
+            onnx_bytes, record = lower(onnx_bytes, precision)
+        except PrecisionError as exc:
+            raise ExportError(str(exc)) from None
     with torch.no_grad():
         _, maps = model.forward_with_feature_maps(torch.zeros(1, *input_shape))
     filters = feature_map_filters(model)
@@ -178,9 +205,10 @@ def export_model(
         export={
             "opset": OPSET,
             "parity_max_abs_diff": worst,
-            "parity_batches": list(PARITY_BATCHES),
+            "parity_batches": list(PARITY_BATCHES),  # of the FP32 graph, before any lowering
             "date": _now(),
             "versions": _versions(),
+            **record,
         },
     )
 
@@ -215,13 +243,27 @@ def feature_map_filters(model: ZooCNN) -> dict[str, tuple[str, np.ndarray]]:
     return found
 
 
-def export_checkpoint(checkpoint: str, *, repository: str, name: str | None = None) -> str:
-    """Export a training checkpoint into the repository (as the next version of `name`)."""
+def export_checkpoint(
+    checkpoint: str,
+    *,
+    repository: str,
+    name: str | None = None,
+    precision: str = "fp32",
+    calibration: int = DEFAULT_CALIBRATION,
+    calibration_method: str = "minmax",
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+) -> str:
+    """Export a training checkpoint into the repository (as the next version of `name`), in FP32 or,
+    with `precision`, INT8 (calibrated on `calibration` training images) or FP16, gated on the
+    held-out split's accuracy against FP32."""
     try:
         state = Checkpoint.load(checkpoint)
         model = state.build_model()
     except (CheckpointError, TrainError) as exc:
         raise ExportError(str(exc)) from None
+    plan = None
+    if precision != "fp32":
+        plan = _plan_from_training(state, precision, calibration, calibration_method, max_accuracy_drop)
     config, last = state.config, state.history[-1]
     training = {
         "dataset": config.dataset,
@@ -247,6 +289,42 @@ def export_checkpoint(checkpoint: str, *, repository: str, name: str | None = No
         preprocess=state.preprocess,
         training=training,
         real_inputs=state.samples.numpy() if state.samples is not None else None,
+        precision=plan,
+    )
+
+
+def _plan_from_training(
+    state: Checkpoint, precision: str, calibration: int, method: str, max_accuracy_drop: float
+) -> PrecisionPlan:
+    """The training run's own data, read again: calibration images from its training split, the gate
+    on its held-out split, both as the model sees them (the checkpoint's preprocessing)."""
+    config, spec = state.config, state.preprocess
+    try:
+        data = load_dataset(
+            config.dataset,
+            size=(spec.height, spec.width),
+            channels=spec.channels,
+            seed=config.seed,
+            test_fraction=config.test_fraction,
+            typed_digits=config.typed_digits,
+        )
+    except DataError as exc:
+        raise ExportError(f"{precision} needs the training data again: {exc}") from None
+    split = {"train": len(data.train_labels), "test": len(data.test_labels)}
+    if state.split and {k: state.split.get(k) for k in split} != split:
+        raise ExportError(
+            f"dataset {config.dataset!r} now splits {split['train']}/{split['test']}, the training run saw "
+            f"{state.split.get('train')}/{state.split.get('test')}: its held-out split is not the one to gate on"
+        )
+    if calibration < 1:
+        raise ExportError("--calibration must be at least 1 image")
+    picks = np.sort(np.random.default_rng(config.seed).permutation(len(data.train_images))[:calibration])
+    return PrecisionPlan(
+        precision,
+        calibration=normalize(data.train_images[picks], spec),
+        held_out=(normalize(data.test_images, spec), data.test_labels),
+        method=method,
+        max_accuracy_drop=max_accuracy_drop,
     )
 
 
@@ -258,9 +336,14 @@ def export_random_init(
     num_classes: int = 10,
     input_shape: tuple[int, int, int] | None = None,
     seed: int = 0,
+    precision: str = "fp32",
+    calibration: int = DEFAULT_CALIBRATION,
+    calibration_method: str = "minmax",
     **kwargs,
 ) -> str:
-    """An untrained zoo model (for benchmarks and arithmetic); labels class_0 ... class_{K-1}."""
+    """An untrained zoo model (for benchmarks and arithmetic); labels class_0 ... class_{K-1}. A lower
+    precision calibrates on synthetic images (standard normal, as normalized inputs are) and has no
+    held-out accuracy to gate on: its card says so."""
     torch.manual_seed(seed)
     try:
         model = get_model(
@@ -280,6 +363,11 @@ def export_random_init(
         "date": _now(),
         "versions": _versions(),
     }
+    plan = None
+    if precision != "fp32":
+        synthetic = np.random.default_rng(seed).standard_normal((max(1, calibration), channels, height, width))
+        plan = PrecisionPlan(precision, calibration=synthetic.astype(np.float32), method=calibration_method)
+        plan.synthetic = True
     return export_model(
         model,
         repository=repository,
@@ -287,4 +375,5 @@ def export_random_init(
         labels=[f"class_{i}" for i in range(num_classes)],
         preprocess=preprocess,
         training=training,
+        precision=plan,
     )

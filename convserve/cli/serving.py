@@ -121,6 +121,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-arg", action="append", default=[], help="an extra `convserve serve` flag (repeatable)")
     p.add_argument("--frontends", default="1", help="comma list of front-end counts: each case runs against each")
     p.add_argument(
+        "--baseline-version",
+        type=int,
+        default=None,
+        help="also measure this version in-process (an FP32 one beside an INT8 one) and give × its limit",
+    )
+    p.add_argument(
         "--driver",
         choices=("auto", "perf_analyzer", "python"),
         default="auto",
@@ -150,8 +156,11 @@ def _bench(args: argparse.Namespace) -> int:
     if not cases or set(cases) - set(CASES):
         raise UsageError(f"--cases takes {', '.join(CASES)}")
     frontends = _positive_ints(args.frontends, "--frontends")
-    if not versions(os.path.join(args.repository, args.model)):
+    served = versions(os.path.join(args.repository, args.model))
+    if not served:
         raise UsageError(f"no model {args.model!r} in {args.repository!r}")
+    if args.baseline_version is not None and args.baseline_version not in served:
+        raise UsageError(f"model {args.model!r} has no version {args.baseline_version} in {args.repository!r}")
     report = run(
         args.repository,
         args.model,
@@ -162,6 +171,7 @@ def _bench(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
         frontends_list=frontends,
         driver=args.driver,
+        baseline_version=args.baseline_version,
     )
     if args.json_out:
         with open(args.json_out, "w") as handle:

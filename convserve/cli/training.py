@@ -156,6 +156,25 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default=None, help="with --random-init: CxHxW (default: the arch's own)")
     p.add_argument("--repository", default="model_repository", help="model repository folder, written into")
     p.add_argument("--name", default=None, help="model name (default: the checkpoint's dataset, or the arch)")
+    lowered = p.add_argument_group("precision (a version in INT8 for CPUs, or FP16 for GPUs; FP32 by default)")
+    lowered.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="the version's weights and activations"
+    )
+    lowered.add_argument(
+        "--calibration", type=int, default=300, help="int8: training images that calibrate the activations' ranges"
+    )
+    lowered.add_argument(
+        "--calibration-method",
+        choices=("minmax", "entropy", "percentile"),
+        default="minmax",
+        help="int8: onnxruntime's calibrator",
+    )
+    lowered.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="refuse a version whose held-out accuracy is more points below FP32's than this",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -173,18 +192,55 @@ def _export(args: argparse.Namespace) -> int:
             shape = parse_input_shape(args.input) if args.input else None
             name = check_name(args.name or args.arch)
             folder = export_random_init(
-                args.arch, repository=args.repository, name=name, num_classes=args.num_classes, input_shape=shape
+                args.arch,
+                repository=args.repository,
+                name=name,
+                num_classes=args.num_classes,
+                input_shape=shape,
+                precision=args.precision,
+                calibration=args.calibration,
+                calibration_method=args.calibration_method,
             )
         else:
             if not args.checkpoint:
                 raise UsageError("give a checkpoint, or --random-init --arch NAME")
             if args.name:
                 check_name(args.name)
-            folder = export_checkpoint(args.checkpoint, repository=args.repository, name=args.name)
+            folder = export_checkpoint(
+                args.checkpoint,
+                repository=args.repository,
+                name=args.name,
+                precision=args.precision,
+                calibration=args.calibration,
+                calibration_method=args.calibration_method,
+                max_accuracy_drop=args.max_accuracy_drop,
+            )
     except (ExportError, ContractError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     print(f"exported {folder}")
+    _print_precision(folder)
     return 0
+
+
+def _print_precision(folder: str) -> None:
+    """What a lowered version cost: its accuracy beside FP32's, as the card records it."""
+    import json
+    import os
+
+    from convserve.contract import CARD_FILE
+
+    with open(os.path.join(folder, CARD_FILE)) as handle:
+        export = json.load(handle).get("export", {})
+    precision, accuracy = export.get("precision", "fp32"), export.get("accuracy")
+    if precision == "fp32":
+        return
+    if accuracy:
+        print(
+            f"{precision}: held-out accuracy {accuracy[precision]:.2f}% (FP32 {accuracy['fp32']:.2f}%, "
+            f"{accuracy['drop_points']:.2f} points lost, on {accuracy['held_out_images']} images)"
+        )
+    else:
+        print(f"{precision}: {export.get('gate', 'no accuracy gate')}")
 
 
 COMMANDS = [

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n convserve/v1/introspection.proto\x12\x0c\x63onvserve.v1\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xce\x01\n\x0fLayerArithmetic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x14\n\x0coutput_shape\x18\x05 \x03(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x0c\n\x04macs\x18\x07 \x01(\x03\x12\x13\n\x0b\x61\x63tivations\x18\x08 \x01(\x03\x12\x17\n\x0freceptive_field\x18\t \x03(\x03\x12\x0c\n\x04jump\x18\n \x03(\x03\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"\x91\x02\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x06layers\x18\x03 \x03(\x0b\x32\x1d.convserve.v1.LayerArithmetic\x12\x14\n\x0ctotal_params\x18\x04 \x01(\x03\x12\x12\n\ntotal_macs\x18\x05 \x01(\x03\x12\x14\n\x0c\x66\x65\x61ture_maps\x18\x06 \x03(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x15\n\rtraining_json\x18\x08 \x01(\t\x12\x17\n\x0fpreprocess_json\x18\t \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x0e\n\x06sha256\x18\x0b \x01(\t\"I\n\x13LayerFiltersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_map\x18\x03 \x01(\t\"Z\n\x14LayerFiltersResponse\x12\x13\n\x0b\x66\x65\x61ture_map\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07weights\x18\x04 \x01(\x0c\x32\xc4\x01\n\rIntrospection\x12Z\n\rDescribeModel\x12\".convserve.v1.DescribeModelRequest\x1a#.convserve.v1.DescribeModelResponse\"\x00\x12W\n\x0cLayerFilters\x12!.convserve.v1.LayerFiltersRequest\x1a\".convserve.v1.LayerFiltersResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n convserve/v1/introspection.proto\x12\x0c\x63onvserve.v1\"5\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xce\x01\n\x0fLayerArithmetic\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x14\n\x0coutput_shape\x18\x05 \x03(\x03\x12\x0e\n\x06params\x18\x06 \x01(\x03\x12\x0c\n\x04macs\x18\x07 \x01(\x03\x12\x13\n\x0b\x61\x63tivations\x18\x08 \x01(\x03\x12\x17\n\x0freceptive_field\x18\t \x03(\x03\x12\x0c\n\x04jump\x18\n \x03(\x03\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"\xb9\x02\n\x15\x44\x65scribeModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x06layers\x18\x03 \x03(\x0b\x32\x1d.convserve.v1.LayerArithmetic\x12\x14\n\x0ctotal_params\x18\x04 \x01(\x03\x12\x12\n\ntotal_macs\x18\x05 \x01(\x03\x12\x14\n\x0c\x66\x65\x61ture_maps\x18\x06 \x03(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x15\n\rtraining_json\x18\x08 \x01(\t\x12\x17\n\x0fpreprocess_json\x18\t \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x13\n\x0b\x65xport_json\x18\r \x01(\t\"I\n\x13LayerFiltersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_map\x18\x03 \x01(\t\"Z\n\x14LayerFiltersResponse\x12\x13\n\x0b\x66\x65\x61ture_map\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07weights\x18\x04 \x01(\x0c\x32\xc4\x01\n\rIntrospection\x12Z\n\rDescribeModel\x12\".convserve.v1.DescribeModelRequest\x1a#.convserve.v1.DescribeModelResponse\"\x00\x12W\n\x0cLayerFilters\x12!.convserve.v1.LayerFiltersRequest\x1a\".convserve.v1.LayerFiltersResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERARITHMETIC']._serialized_start=106
   _globals['_LAYERARITHMETIC']._serialized_end=312
   _globals['_DESCRIBEMODELRESPONSE']._serialized_start=315
-  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=588
-  _globals['_LAYERFILTERSREQUEST']._serialized_start=590
-  _globals['_LAYERFILTERSREQUEST']._serialized_end=663
-  _globals['_LAYERFILTERSRESPONSE']._serialized_start=665
-  _globals['_LAYERFILTERSRESPONSE']._serialized_end=755
-  _globals['_INTROSPECTION']._serialized_start=758
-  _globals['_INTROSPECTION']._serialized_end=954
+  _globals['_DESCRIBEMODELRESPONSE']._serialized_end=628
+  _globals['_LAYERFILTERSREQUEST']._serialized_start=630
+  _globals['_LAYERFILTERSREQUEST']._serialized_end=703
+  _globals['_LAYERFILTERSRESPONSE']._serialized_start=705
+  _globals['_LAYERFILTERSRESPONSE']._serialized_end=795
+  _globals['_INTROSPECTION']._serialized_start=798
+  _globals['_INTROSPECTION']._serialized_end=994
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class LayerArithmetic(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., op: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., macs: _Optional[int] = ..., activations: _Optional[int] = ..., receptive_field: _Optional[_Iterable[int]] = ..., jump: _Optional[_Iterable[int]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("name", "version", "layers", "total_params", "total_macs", "feature_maps", "labels", "training_json", "preprocess_json", "execution_provider", "sha256")
+    __slots__ = ("name", "version", "layers", "total_params", "total_macs", "feature_maps", "labels", "training_json", "preprocess_json", "execution_provider", "sha256", "precision", "export_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class DescribeModelResponse(_message.Message):
     PREPROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerArithmetic]
@@ -64,7 +66,9 @@ class DescribeModelResponse(_message.Message):
     preprocess_json: str
     execution_provider: str
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerArithmetic, _Mapping]]] = ..., total_params: _Optional[int] = ..., total_macs: _Optional[int] = ..., feature_maps: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., training_json: _Optional[str] = ..., preprocess_json: _Optional[str] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    precision: str
+    export_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerArithmetic, _Mapping]]] = ..., total_params: _Optional[int] = ..., total_macs: _Optional[int] = ..., feature_maps: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., training_json: _Optional[str] = ..., preprocess_json: _Optional[str] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ..., precision: _Optional[str] = ..., export_json: _Optional[str] = ...) -> None: ...
 
 class LayerFiltersRequest(_message.Message):
     __slots__ = ("name", "version", "feature_map")

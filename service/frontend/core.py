@@ -200,6 +200,7 @@ class FrontendCore:
             parameters = {
                 "execution_provider": model.execution_provider,
                 "providers": ",".join(model.providers),
+                "precision": model.card.precision,  # as exported: fp32, fp16 or int8
                 "max_queue_size": str(s.max_queue_size),
                 # what a request that names no outputs gets (Triton would send every output: feature
                 # maps are megabytes, so convserve sends them only when asked for by name)

@@ -46,6 +46,8 @@ def describe(model: ServedModel) -> dict[str, Any]:
         "preprocess_json": json.dumps(card.preprocess.to_dict()),
         "execution_provider": model.execution_provider,
         "sha256": card.sha256,
+        "precision": card.precision,
+        "export_json": json.dumps(card.export),
     }
 
 
