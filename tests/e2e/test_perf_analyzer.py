@@ -24,8 +24,24 @@ STABLE = ["--stability-percentage", "1000"]
 def test_perf_analyzer_runs_and_every_answer_equals_in_process_onnxruntime(
     served_repository, tmp_path, frontends, protocol
 ):
+    _validated_run(served_repository, served_repository / "digits" / "1" / "model.onnx", tmp_path, frontends, protocol)
+
+
+@pytest.mark.skipif(TOOL is None, reason="perf_analyzer needs Debian's libb64-0d and nvidia-cuda-runtime-cu12")
+def test_perf_analyzer_validates_every_answer_of_an_int8_version(trained, tmp_path):
+    """Issue 28: an INT8 version under batching answers as in-process INT8 onnxruntime at batch 1. The
+    tolerance perf_analyzer allows is none, and none is needed: the activations' scales are fixed at
+    calibration, so each image's answer is the same in any batch, bit for bit."""
+    from convserve.models.export import export_checkpoint
+
+    result, _ = trained
+    repository = tmp_path / "repository"
+    folder = export_checkpoint(result.checkpoint, repository=str(repository), name="digits", precision="int8")
+    _validated_run(repository, f"{folder}/model.onnx", tmp_path, "1", "grpc")
+
+
+def _validated_run(served_repository, model, tmp_path, frontends: str, protocol: str) -> None:
     assert TOOL is not None
-    model = served_repository / "digits" / "1" / "model.onnx"
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     x = np.random.default_rng(7).standard_normal((1, 1, 32, 32)).astype(np.float32)
