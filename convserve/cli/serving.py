@@ -64,7 +64,8 @@ def _describe(args: argparse.Namespace) -> int:
         from convserve.models.arithmetic import LayerRow, Table, format_table
     except ImportError:
         format_table = None
-    title = f"{answer.name} version {answer.version} on {answer.execution_provider}"
+    precision = (answer.precision or "fp32").upper()
+    title = f"{answer.name} version {answer.version} ({precision}) on {answer.execution_provider}"
     if format_table is not None:
         rows = [
             LayerRow(

@@ -81,6 +81,7 @@ def test_the_page_classifies_a_digit_and_shows_every_conv_layer(server, served_r
     assert top == _in_process_label(served_repository)
     metrics = browser.find_element(By.ID, "metrics").text
     assert "batch" in metrics and "compute" in metrics and "server total" in metrics
+    assert "version 1 (FP32)" in metrics  # the served version and its precision
     maps = {f["name"]: f["shape"] for f in card.feature_maps}
     _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".layer .filters")) == len(maps))
     layers = browser.find_elements(By.CSS_SELECTOR, ".layer")

@@ -125,7 +125,7 @@ async function classify(image) {
     }
     const elapsed = performance.now() - started;
     await showSeen(model, image);
-    showAnswer(tensors.probabilities.data, answer.parameters, elapsed, raw.length);
+    showAnswer(tensors.probabilities.data, answer.parameters, elapsed, raw.length, described);
     await showLayers(model, described, maps, tensors);
     $("status").textContent = "done: " + raw.length.toLocaleString() + " bytes in " + elapsed.toFixed(0) + " ms";
   } catch (error) {
@@ -154,7 +154,7 @@ function half(h) {
   return sign * Math.pow(2, exponent - 15) * (1 + fraction / 1024);
 }
 
-function showAnswer(top, parameters, elapsed, bytes) {
+function showAnswer(top, parameters, elapsed, bytes, described) {
   const bars = $("bars");
   bars.innerHTML = "";
   for (const item of top) {
@@ -179,6 +179,7 @@ function showAnswer(top, parameters, elapsed, bytes) {
     ["server total", parameters.server_us + " µs"],
     ["round trip", elapsed.toFixed(1) + " ms, " + bytes.toLocaleString() + " bytes"],
     ["execution provider", parameters.execution_provider],
+    ["version", described.version + " (" + (described.precision || "fp32").toUpperCase() + ")"],
   ];
   $("metrics").innerHTML = "";
   for (const [key, value] of rows) {
