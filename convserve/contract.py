@@ -319,6 +319,10 @@ class ModelCard:
     arithmetic: dict = field(default_factory=dict)  # the arithmetic table (convserve.models.arithmetic)
     training: dict = field(default_factory=dict)  # provenance: dataset, epochs, accuracy, seed, date
     export: dict = field(default_factory=dict)  # opset, parity, versions
+    # the model's own interface (an imported model keeps its names; convserve's exports use these)
+    input_name: str = INPUT_NAME  # its FP32 (N, C, H, W) input
+    default_outputs: tuple[str, ...] = DEFAULT_OUTPUTS  # what a request that names no outputs gets
+    image_input: bool = True  # encoded images are accepted (`image`): its preprocessing is known
 
     @property
     def feature_map_names(self) -> list[str]:
@@ -337,7 +341,9 @@ class ModelCard:
             "platform": PLATFORM,
             "labels": self.labels,
             "preprocess": self.preprocess.to_dict(),
-            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
+            "default_outputs": list(self.default_outputs),
+            "image_input": self.image_input,
             "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)} for o in self.outputs],
             "feature_maps": self.feature_maps,
             "arithmetic": self.arithmetic,
@@ -363,7 +369,7 @@ class ModelCard:
             if key not in data:
                 raise ContractError(f"model.json has no {key!r}")
         try:
-            return cls(
+            card = cls(
                 name=str(data.get("name", "")),
                 version=int(data.get("version", 0)),
                 labels=[str(label) for label in data["labels"]],
@@ -379,11 +385,18 @@ class ModelCard:
                 arithmetic=_checked_arithmetic(data.get("arithmetic")),
                 training=dict(data.get("training") or {}),
                 export=dict(data.get("export") or {}),
+                input_name=_input_name(data.get("inputs")),
+                default_outputs=tuple(str(n) for n in data.get("default_outputs") or DEFAULT_OUTPUTS),
+                image_input=bool(data.get("image_input", True)),
             )
         except ContractError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"model.json is malformed: {exc!s}") from None
+        missing = [n for n in card.default_outputs if n not in {o.name for o in card.outputs}]
+        if missing:
+            raise ContractError(f"model.json's default_outputs name outputs it does not have: {missing}")
+        return card
 
     @classmethod
     def read(cls, folder: str) -> ModelCard:
@@ -397,6 +410,20 @@ class ModelCard:
 
 
 _INT64 = 1 << 63
+
+
+def _input_name(inputs: Any) -> str:
+    """The model's input name from model.json's `inputs` (a card without them: `input`)."""
+    if not inputs:
+        return INPUT_NAME
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ContractError("model.json's inputs must be one object with a name")
+    if not isinstance(inputs[0].get("name"), str):
+        raise ContractError("model.json's inputs must be one object with a name")
+    name = inputs[0]["name"]
+    if not name or name == IMAGE_INPUT_NAME:
+        raise ContractError(f"model.json's input may not be named {name!r}")
+    return name
 
 
 def _is_int(value: Any, low: int = -_INT64) -> bool:

@@ -243,6 +243,47 @@ def _print_precision(folder: str) -> None:
         print(f"{precision}: {export.get('gate', 'no accuracy gate')}")
 
 
+# ---- import ------------------------------------------------------------------------------------
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an ONNX image classifier (NCHW float input)")
+    p.add_argument("--repository", default="model_repository", help="model repository folder, written into")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--labels", default=None, metavar="FILE", help="one label per line (default: class indices)")
+    p.add_argument(
+        "--preprocess",
+        default="imagenet",
+        help="how images become its input: imagenet, none (tensors only), or mean=A/B/C,std=A/B/C,scale=S,color=RGB|L",
+    )
+    p.add_argument(
+        "--feature-maps", default="auto", help="auto (each conv, after its activation), none, or Conv node names"
+    )
+    p.add_argument("--scores", default=None, help="the scores output (default: the graph's only 2-D output)")
+
+
+def _import(args: argparse.Namespace) -> int:
+    with _training_half():
+        from convserve.models.export import ExportError
+        from convserve.models.importer import import_onnx
+    from convserve.contract import ContractError, check_name
+
+    try:
+        folder = import_onnx(
+            args.model,
+            repository=args.repository,
+            name=check_name(args.name),
+            labels_file=args.labels,
+            preprocess=args.preprocess,
+            feature_maps=args.feature_maps,
+            scores=args.scores,
+        )
+    except (ExportError, ContractError, OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"imported {folder}")
+    return 0
+
+
 COMMANDS = [
     Command(
         "arithmetic", "per-layer output shapes, parameters, MACs and receptive fields", _arithmetic_args, _arithmetic
@@ -250,5 +291,8 @@ COMMANDS = [
     Command("train", "train a CNN and export it into the model repository", _train_args, _train),
     Command(
         "export", "export a checkpoint (or an untrained zoo model) to ONNX in the repository", _export_args, _export
+    ),
+    Command(
+        "import", "import your own ONNX image classifier into the repository, feature maps added", _import_args, _import
     ),
 ]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 from convserve import __version__
-from convserve.contract import DEFAULT_OUTPUTS, IMAGE_INPUT_NAME, INPUT_NAME, PLATFORM
+from convserve.contract import IMAGE_INPUT_NAME, PLATFORM
 
 from ..errors import (
     InvalidInput,
@@ -36,7 +36,7 @@ from ..rules import check_model_name
 from ..settings import Settings
 from .dataplane import DataPlane
 from .engine_link import EngineLink
-from .inference import InferRequest, InferResult
+from .inference import DEFAULT_INPUTS, InferRequest, InferResult, ModelInputs
 from .introspection import describe, read_filters
 from .models import ModelTable
 from .observe import Outcome, Recorder, log_settings, set_log_settings
@@ -150,10 +150,19 @@ class FrontendCore:
                 return False
             return self.server_state() is not ServerState.STOPPING and self.engine.connected
 
-    def served(self, name: str, version: str = "") -> None:
-        """Raise what inference of `name` (version) would meet first: an unknown model or version
-        (NOT_FOUND), one not ready (UNAVAILABLE), a version that is no number (INVALID_ARGUMENT)."""
-        self.models.resolve(name, version)
+    def served(self, name: str, version: str = "") -> ModelInputs:
+        """What `name` (version) takes; raises what inference of it would meet first: an unknown model
+        or version (NOT_FOUND), one not ready (UNAVAILABLE), a version that is no number (INVALID_ARGUMENT)."""
+        model = self.models.resolve(name, version)
+        return ModelInputs(model.input_name, model.card.image_input)
+
+    def inputs_of(self, name: str, version: str = "") -> ModelInputs:
+        """What `name` (version) takes, for the door's parse; a model that cannot be served gets
+        convserve's own inputs, and its error comes where it always has (after the parse)."""
+        try:
+            return self.served(name, version)
+        except ServingError:
+            return DEFAULT_INPUTS
 
     def server_metadata(self) -> dict[str, Any]:
         with self.observe("ServerMetadata"):
@@ -168,8 +177,12 @@ class FrontendCore:
                 "platform": PLATFORM,
                 # the config's dims with the batch dimension in front, as Triton reports them
                 "inputs": [
-                    {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *model.input_shape]},
-                    {"name": IMAGE_INPUT_NAME, "datatype": "BYTES", "shape": [-1, 1]},
+                    {"name": model.input_name, "datatype": "FP32", "shape": [-1, *model.input_shape]},
+                    *(
+                        [{"name": IMAGE_INPUT_NAME, "datatype": "BYTES", "shape": [-1, 1]}]
+                        if model.card.image_input
+                        else []
+                    ),
                 ],
                 "outputs": [
                     {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)} for o in model.card.outputs
@@ -204,7 +217,7 @@ class FrontendCore:
                 "max_queue_size": str(s.max_queue_size),
                 # what a request that names no outputs gets (Triton would send every output: feature
                 # maps are megabytes, so convserve sends them only when asked for by name)
-                "default_outputs": ",".join(DEFAULT_OUTPUTS),
+                "default_outputs": ",".join(model.card.default_outputs),
             }
             tensor = {"is_shape_tensor": False, "is_non_linear_format_io": False}
             # every field Triton's JSON has, defaults included, in its order
@@ -215,26 +228,33 @@ class FrontendCore:
                 "runtime": "",
                 "version_policy": policy,
                 "max_batch_size": s.max_batch_size,
-                # two alternatives: a request carries exactly one of them, so each is optional
+                # two alternatives where images are taken: a request carries one of them, so each is
+                # optional; a model that takes only its tensor requires it
                 "input": [
                     {
-                        "name": INPUT_NAME,
+                        "name": model.input_name,
                         "data_type": "TYPE_FP32",
                         "format": "FORMAT_NCHW",
                         "dims": list(model.input_shape),
                         **tensor,
                         "allow_ragged_batch": False,
-                        "optional": True,
+                        "optional": model.card.image_input,
                     },
-                    {
-                        "name": IMAGE_INPUT_NAME,
-                        "data_type": "TYPE_STRING",
-                        "format": "FORMAT_NONE",
-                        "dims": [1],
-                        **tensor,
-                        "allow_ragged_batch": False,
-                        "optional": True,
-                    },
+                    *(
+                        [
+                            {
+                                "name": IMAGE_INPUT_NAME,
+                                "data_type": "TYPE_STRING",
+                                "format": "FORMAT_NONE",
+                                "dims": [1],
+                                **tensor,
+                                "allow_ragged_batch": False,
+                                "optional": True,
+                            }
+                        ]
+                        if model.card.image_input
+                        else []
+                    ),
                 ],
                 "output": [
                     {"name": o.name, "data_type": "TYPE_FP32", "dims": list(o.shape[1:]), "label_filename": ""} | tensor

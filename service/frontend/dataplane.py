@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from convserve.contract import DEFAULT_OUTPUTS, INPUT_NAME
+from convserve.contract import INPUT_NAME
 from convserve.wire import serialize_bytes
 
 from ..errors import DeadlineExceeded, InvalidInput, QueueFull
@@ -144,14 +144,14 @@ class DataPlane:
     @staticmethod
     def _outputs(model: ServedModel, requested: list[RequestedOutput]) -> list[RequestedOutput]:
         if not requested:
-            return [RequestedOutput(name) for name in DEFAULT_OUTPUTS]
+            return [RequestedOutput(name) for name in model.card.default_outputs]
         for wanted in requested:
             if wanted.name not in model.outputs:
                 raise InvalidInput(
                     f"model {model.name!r} has no output {wanted.name[:128]!r}; it has {', '.join(model.outputs)}"
                 )
             if wanted.classification and len(model.outputs[wanted.name].shape) != 2:
-                raise InvalidInput(f"classification applies to logits or probabilities, not {wanted.name!r}")
+                raise InvalidInput(f"classification applies to an (N, classes) output, not {wanted.name!r}")
             if wanted.classification and wanted.shm is not None:
                 raise InvalidInput(
                     f"output {wanted.name!r}: classification cannot be written to shared memory (as in Triton)"
@@ -198,7 +198,8 @@ class _Expiry:
 
 def _check_shape(model: ServedModel, shape: tuple[int, ...]) -> None:
     if tuple(shape[1:]) != model.input_shape:
-        raise InvalidInput(f"input 'input' must be [N, {', '.join(map(str, model.input_shape))}], not {list(shape)}")
+        dims = ", ".join(map(str, model.input_shape))
+        raise InvalidInput(f"input {model.input_name!r} must be [N, {dims}], not {list(shape)}")
 
 
 def _block_layout(

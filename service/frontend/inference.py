@@ -27,6 +27,17 @@ from ..rules import check_batch_size
 Parameters = Mapping[str, Any]  # a request's, an input's or an output's parameters as plain values
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model takes: its own FP32 input's name, and whether encoded images (`image`) too."""
+
+    tensor: str = INPUT_NAME
+    images: bool = True
+
+
+DEFAULT_INPUTS = ModelInputs()  # convserve's own exports (and an unknown model, refused later)
+
+
 @dataclass
 class InputTensor:
     """One input as a door read it: its data in exactly one of `raw` (the bytes), `values` (typed:
@@ -60,6 +71,7 @@ class InferRequest:
     input_shm: Optional[ShmRef] = None  # the input's bytes are there: the data plane reads them (read_input)
     outputs: list[RequestedOutput] = field(default_factory=list)
     timeout_us: Optional[int] = None
+    tensor_name: str = INPUT_NAME  # the model's own name of its FP32 input (for messages)
 
     @property
     def batch(self) -> int:
@@ -115,21 +127,25 @@ def parse_request(
     inputs: Sequence[InputTensor],
     outputs: Sequence[tuple[str, Parameters]],
     max_batch_size: Optional[int] = None,
+    model_inputs: ModelInputs = DEFAULT_INPUTS,
 ) -> InferRequest:
-    """Check a request's consistency and turn it into an InferRequest."""
+    """Check a request's consistency and turn it into an InferRequest. `model_inputs` names the
+    model's own input (InferRequest.input_name calls it INPUT_NAME from here on)."""
     if not model_name:  # as Triton: no name, no such model
         raise ModelNotFound("unknown model ''")
+    own = model_inputs.tensor
     names = [t.name for t in inputs]
-    if not (len(names) == 1 or sorted(names) == sorted((INPUT_NAME, IMAGE_INPUT_NAME))):
-        raise InvalidInput(f"expected 'input' (FP32) or 'image' (BYTES), or both; got {len(names)} inputs")
+    if not (len(names) == 1 or (model_inputs.images and sorted(names) == sorted((own, IMAGE_INPUT_NAME)))):
+        either = f"{own!r} (FP32)" + (" or 'image' (BYTES), or both" if model_inputs.images else "")
+        raise InvalidInput(f"expected {either}; got {len(names)} inputs")
     # Both optional inputs may come (perf_analyzer sends every declared input): the tensor is used, the
     # images are not decoded, and the two must be the same batch.
-    index = names.index(INPUT_NAME) if len(names) == 2 else 0
+    index = names.index(own) if len(names) == 2 else 0
     if len(names) == 2:
         other = inputs[1 - index]
         batch = [int(d) for d in inputs[index].shape[:1]], [int(d) for d in other.shape[:1]]
         if batch[0] != batch[1]:
-            raise InvalidInput(f"inputs 'input' and 'image' hold different batches: {batch[0]} and {batch[1]}")
+            raise InvalidInput(f"inputs {own!r} and 'image' hold different batches: {batch[0]} and {batch[1]}")
     # Of the parameters clients send (priority, sequence_*, binary_data_output ...), only `timeout`
     # means something here; the others are accepted and ignored, as Triton does for a stateless model,
     # once they have the type Triton checks (priority: an unsigned integer).
@@ -147,9 +163,12 @@ def parse_request(
         raise InvalidInput(f"input shape {list(shape)} has a negative dimension")
     if tensor.name == IMAGE_INPUT_NAME and len(shape) == 2 and shape[1] == 1:
         shape = (shape[0],)  # [N, 1], as the config's dims [1] say, is the same batch as [N]
-    expected = {IMAGE_INPUT_NAME: ("BYTES", 1, "[N] or [N, 1]"), INPUT_NAME: ("FP32", 4, "[N, C, H, W]")}
+    expected = {own: ("FP32", 4, "[N, C, H, W]")}
+    if model_inputs.images:
+        expected[IMAGE_INPUT_NAME] = ("BYTES", 1, "[N] or [N, 1]")
     if tensor.name not in expected:
-        raise InvalidInput(f"unknown input {tensor.name!r}; a served CNN takes 'input' (FP32) or 'image' (BYTES)")
+        takes = " or ".join(f"{n!r} ({d})" for n, (d, _, _) in expected.items())
+        raise InvalidInput(f"unknown input {tensor.name!r}; this model takes {takes}")
     datatype, rank, form = expected[tensor.name]
     if tensor.datatype != datatype:
         raise InvalidInput(f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}")
@@ -162,9 +181,9 @@ def parse_request(
     shm = shm_ref(tensor.parameters, f"input {tensor.name!r}") if tensor.parameters else None
     if sum((tensor.raw is not None, tensor.values is not None, shm is not None)) > 1:
         raise InvalidInput(f"input {tensor.name!r} has its data in more than one place (raw, typed, shared memory)")
-    parsed = InferRequest(
-        model_name, model_version, request_id, tensor.name, shape, input_shm=shm, timeout_us=timeout_us
-    )
+    internal = IMAGE_INPUT_NAME if tensor.name == IMAGE_INPUT_NAME else INPUT_NAME
+    parsed = InferRequest(model_name, model_version, request_id, internal, shape, input_shm=shm, timeout_us=timeout_us)
+    parsed.tensor_name = own
     if tensor.raw is not None:
         read_input(parsed, tensor.raw)
     elif shm is None:  # typed values, or none at all (counted as none held)
@@ -183,16 +202,20 @@ def _read_values(request: InferRequest, values: Sequence[Any]) -> None:
         return
     count = math.prod(shape)
     if len(values) not in (count, shape[0]):  # flat, or nested by image: anything else is refused unread
-        raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {len(values)}")
+        raise InvalidInput(
+            f"input {request.tensor_name!r} of shape {list(shape)} needs {count} values, got {len(values)}"
+        )
     try:
         array = np.asarray(values)  # its own type first: strings and booleans are not FP32 numbers
     except (TypeError, ValueError):  # ragged
         array = None
     if array is None or array.dtype.kind not in "fiu":
-        raise InvalidInput("input 'input': its data is not a list of FP32 numbers") from None
+        raise InvalidInput(f"input {request.tensor_name!r}: its data is not a list of FP32 numbers") from None
     array = array.astype(np.float32, copy=False)
     if array.size != count:
-        raise InvalidInput(f"input 'input' of shape {list(shape)} needs {count} values, got {array.size}")
+        raise InvalidInput(
+            f"input {request.tensor_name!r} of shape {list(shape)} needs {count} values, got {array.size}"
+        )
     request.array = array.reshape(shape)
 
 
@@ -237,7 +260,9 @@ def read_input(request: InferRequest, raw: bytes | memoryview) -> None:
         return
     count = math.prod(request.shape)
     if len(raw) != count * 4:
-        raise InvalidInput(f"input 'input' of shape {list(request.shape)} needs {count * 4} bytes, got {len(raw)}")
+        raise InvalidInput(
+            f"input {request.tensor_name!r} of shape {list(request.shape)} needs {count * 4} bytes, got {len(raw)}"
+        )
     request.array = np.frombuffer(raw, dtype="<f4").reshape(request.shape)
 
 

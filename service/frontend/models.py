@@ -38,6 +38,7 @@ class ServedModel:
     def __post_init__(self) -> None:
         self.spec = self.card.preprocess
         self.input_shape = self.card.preprocess.input_shape
+        self.input_name = self.card.input_name  # the model's own name for its FP32 input
         self.outputs = {o.name: o for o in self.card.outputs}
         self.feature_maps = set(self.card.feature_map_names)
         # FP32 bytes of one image's input and of each output: an arena block's layout, per request

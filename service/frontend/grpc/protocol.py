@@ -14,7 +14,7 @@ from convserve.proto import grpc_service_pb2 as pb
 from convserve.wire import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
 
 from ...errors import InvalidInput
-from ..inference import InferRequest, InferResult, InputTensor, parse_request
+from ..inference import DEFAULT_INPUTS, InferRequest, InferResult, InputTensor, ModelInputs, parse_request
 
 
 def _value(param: pb.InferParameter) -> Any:
@@ -27,7 +27,9 @@ def plain(parameters) -> dict[str, Any]:
     return {key: _value(param) for key, param in parameters.items()} if parameters else {}
 
 
-def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | None = None) -> InferRequest:
+def parse_infer_request(
+    request: pb.ModelInferRequest, max_batch_size: int | None = None, model_inputs: ModelInputs = DEFAULT_INPUTS
+) -> InferRequest:
     """A ModelInferRequest, read as the core's InferRequest: each input's data is its raw contents, its
     typed contents (fp32_contents or bytes_contents) or a region its parameters name."""
     raw = request.raw_input_contents
@@ -53,6 +55,7 @@ def parse_infer_request(request: pb.ModelInferRequest, max_batch_size: int | Non
         inputs,
         outputs,
         max_batch_size,
+        model_inputs,
     )
 
 

@@ -187,13 +187,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # the wire bytes themselves (registered with `serialize_response`: see add_to_server)
         core = self.core
         with core.inference("ModelInfer", request.model_name) as outcome:
-            parsed = parse_infer_request(request, core.settings.max_batch_size)
+            inputs = core.inputs_of(request.model_name, request.model_version)
+            parsed = parse_infer_request(request, core.settings.max_batch_size, inputs)
             return encode_infer_response(parsed, await core.infer(parsed, outcome, deadline_of(context)))
 
     async def stream_answer(self, request: pb.ModelInferRequest, deadline: Optional[float]) -> pb.ModelInferResponse:
         core = self.core
         with core.inference("ModelStreamInfer", request.model_name) as outcome:
-            parsed = parse_infer_request(request, core.settings.max_batch_size)
+            inputs = core.inputs_of(request.model_name, request.model_version)
+            parsed = parse_infer_request(request, core.settings.max_batch_size, inputs)
             return build_infer_response(parsed, await core.infer(parsed, outcome, deadline))
 
     async def ModelStreamInfer(

@@ -242,7 +242,7 @@ class HttpDoor:
         timeout = core.settings.http_request_timeout
         deadline = time.monotonic() + timeout if timeout else None
         with core.inference("ModelInfer", name) as outcome:
-            core.served(name, version)  # an unknown model is 404 before its body is read, as in Triton
+            inputs = core.served(name, version)  # an unknown model is 404 before its body is read, as Triton
             body = await self._body(request)
             length = request.headers.get(HEADER_LENGTH)
             if length is not None:
@@ -252,7 +252,8 @@ class HttpDoor:
             else:
                 split = len(body)
             header = await self._parser.request(body[:split])
-            parsed = parse_infer_request(name, version, header, memoryview(body)[split:], core.settings.max_batch_size)
+            binary = memoryview(body)[split:]
+            parsed = parse_infer_request(name, version, header, binary, core.settings.max_batch_size, inputs)
             result = await core.infer(parsed, outcome, deadline)
         data, json_length = infer_response(header, result)
         headers = {"Content-Type": "application/json" if json_length == len(data) else "application/octet-stream"}

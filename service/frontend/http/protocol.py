@@ -20,7 +20,7 @@ import numpy as np
 from convserve.wire import DTYPES, SHM_REGION, deserialize_bytes
 
 from ...errors import InvalidInput
-from ..inference import InferRequest, InferResult, InputTensor, parse_request
+from ..inference import DEFAULT_INPUTS, InferRequest, InferResult, InputTensor, ModelInputs, parse_request
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -51,7 +51,12 @@ def _values(tensor: dict, name: str, datatype: str) -> Any:
 
 
 def parse_infer_request(
-    name: str, version: str, header: Any, binary: memoryview, max_batch_size: int | None = None
+    name: str,
+    version: str,
+    header: Any,
+    binary: memoryview,
+    max_batch_size: int | None = None,
+    model_inputs: ModelInputs = DEFAULT_INPUTS,
 ) -> InferRequest:
     """V2 JSON (and the binary part after it), read as the core's InferRequest."""
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
@@ -97,6 +102,7 @@ def parse_infer_request(
         inputs,
         outputs,
         max_batch_size,
+        model_inputs,
     )
 
 
