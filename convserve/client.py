@@ -40,11 +40,13 @@ def build_request(
     output_shm: Mapping[str, ShmRef] = MappingProxyType({}),
     version: str = "",
     request_id: str = "",
+    classified: Sequence[str] = DEFAULT_OUTPUTS,
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest: `array` float32 (N, C, H, W) as `input`, or `images` as `image` (raw contents),
     or `input_shm` = (region window, shape) for an FP32 `input` already in shared memory.
 
-    Outputs named in `output_shm` are written by the server into those regions instead of the response.
+    Outputs named in `output_shm` are written by the server into those regions instead of the response;
+    `classification` (top-k) applies to the outputs named in `classified`.
     """
     if sum(x is not None for x in (array, images, input_shm)) != 1:
         raise ValueError("give exactly one of array, images or input_shm")
@@ -62,7 +64,7 @@ def build_request(
     fp16 = set(fp16)
     for name in outputs:
         out = request.outputs.add(name=name)
-        if classification and name in DEFAULT_OUTPUTS:
+        if classification and name in classified:
             out.parameters["classification"].int64_param = classification
         if name in fp16:
             out.parameters["datatype"].string_param = "FP16"
@@ -175,25 +177,36 @@ def _image_bytes(images: Sequence) -> list[bytes]:
 
 
 def classify_request(
-    model: str, images: list[bytes], top_k: int, feature_maps: Sequence[str], fp16: bool, version: str
+    model: str,
+    images: list[bytes],
+    top_k: int,
+    feature_maps: Sequence[str],
+    fp16: bool,
+    version: str,
+    classified: str = "probabilities",
 ) -> pb.ModelInferRequest:
+    """`classified`: the output to classify (DescribeModel's classified_output; an imported model's
+    scores may have a name of their own)."""
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
     half = list(feature_maps) if fp16 else []
     return build_request(
         model,
         images=images,
-        outputs=["probabilities", *feature_maps],
+        outputs=[classified, *feature_maps],
         classification=top_k,
+        classified=(classified,),
         fp16=half,
         version=version,
     )
 
 
-def parse_classifications(response: pb.ModelInferResponse, feature_maps: Sequence[str]) -> list[Classification]:
+def parse_classifications(
+    response: pb.ModelInferResponse, feature_maps: Sequence[str], classified: str = "probabilities"
+) -> list[Classification]:
     """One Classification per image of a `classify_request`'s response."""
     metrics = Client.parameters(response)
-    rows = output_array(response, "probabilities")
+    rows = output_array(response, classified)
     maps = {name: output_array(response, name).astype(np.float32) for name in feature_maps}
     results = []
     for i, row in enumerate(rows):
@@ -224,6 +237,7 @@ class Client:
     ) -> None:
         self.channel = open_channel(url, token, max_message_bytes, tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._descriptions: dict[tuple[str, str], ipb.DescribeModelResponse] = {}
 
     def close(self) -> None:
         self.channel.close()
@@ -259,9 +273,18 @@ class Client:
         """Encoded images (bytes or file paths) -> per image the top-k labels with probabilities, the
         feature maps asked for (names, or "all") as (C, H, W) arrays, and the request's metrics. The
         images go in one request: at most the model's max batch size."""
-        names = list(self.describe(model, version).feature_maps) if feature_maps == "all" else list(feature_maps)
-        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version)
-        return parse_classifications(self.stub.ModelInfer(request, timeout=timeout), names)
+        described = self._described(model, version)
+        names = list(described.feature_maps) if feature_maps == "all" else list(feature_maps)
+        classified = described.classified_output or "probabilities"
+        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version, classified)
+        return parse_classifications(self.stub.ModelInfer(request, timeout=timeout), names, classified)
+
+    def _described(self, model: str, version: str) -> ipb.DescribeModelResponse:
+        """DescribeModel's answer, asked once per model and version (the output names a model keeps)."""
+        key = (model, version)
+        if key not in self._descriptions:
+            self._descriptions[key] = self.describe(model, version)
+        return self._descriptions[key]
 
     def models(self, timeout: Optional[float] = 10.0) -> list[ModelStatus]:
         """Every model version the repository holds, with its state and, if it failed, why."""
@@ -330,6 +353,7 @@ class AsyncClient:
             self.channel = grpc.aio.insecure_channel(url, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._descriptions: dict[tuple[str, str], ipb.DescribeModelResponse] = {}
         self._introspection = ipb_grpc.IntrospectionStub(self.channel)
 
     async def close(self) -> None:
@@ -358,12 +382,15 @@ class AsyncClient:
         version: str = "",
         timeout: Optional[float] = 60.0,
     ) -> list[Classification]:
-        names = (
-            list((await self.describe(model, version)).feature_maps) if feature_maps == "all" else list(feature_maps)
-        )
-        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version)
+        key = (model, version)
+        if key not in self._descriptions:
+            self._descriptions[key] = await self.describe(model, version)
+        described = self._descriptions[key]
+        names = list(described.feature_maps) if feature_maps == "all" else list(feature_maps)
+        classified = described.classified_output or "probabilities"
+        request = classify_request(model, _image_bytes(images), top_k, names, fp16, version, classified)
         response = await self.stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
-        return parse_classifications(response, names)
+        return parse_classifications(response, names, classified)
 
     async def models(self, timeout: Optional[float] = 10.0) -> list[ModelStatus]:
         index = await self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout, metadata=self._metadata)

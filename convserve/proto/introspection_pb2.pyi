@@ -41,7 +41,7 @@ class LayerArithmetic(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., op: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., macs: _Optional[int] = ..., activations: _Optional[int] = ..., receptive_field: _Optional[_Iterable[int]] = ..., jump: _Optional[_Iterable[int]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("name", "version", "layers", "total_params", "total_macs", "feature_maps", "labels", "training_json", "preprocess_json", "execution_provider", "sha256", "precision", "export_json")
+    __slots__ = ("name", "version", "layers", "total_params", "total_macs", "feature_maps", "labels", "training_json", "preprocess_json", "execution_provider", "sha256", "precision", "export_json", "input_name", "default_outputs", "classified_output")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class DescribeModelResponse(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     EXPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerArithmetic]
@@ -68,7 +71,10 @@ class DescribeModelResponse(_message.Message):
     sha256: str
     precision: str
     export_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerArithmetic, _Mapping]]] = ..., total_params: _Optional[int] = ..., total_macs: _Optional[int] = ..., feature_maps: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., training_json: _Optional[str] = ..., preprocess_json: _Optional[str] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ..., precision: _Optional[str] = ..., export_json: _Optional[str] = ...) -> None: ...
+    input_name: str
+    default_outputs: _containers.RepeatedScalarFieldContainer[str]
+    classified_output: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerArithmetic, _Mapping]]] = ..., total_params: _Optional[int] = ..., total_macs: _Optional[int] = ..., feature_maps: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., training_json: _Optional[str] = ..., preprocess_json: _Optional[str] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ..., precision: _Optional[str] = ..., export_json: _Optional[str] = ..., input_name: _Optional[str] = ..., default_outputs: _Optional[_Iterable[str]] = ..., classified_output: _Optional[str] = ...) -> None: ...
 
 class LayerFiltersRequest(_message.Message):
     __slots__ = ("name", "version", "feature_map")

@@ -48,6 +48,9 @@ def describe(model: ServedModel) -> dict[str, Any]:
         "sha256": card.sha256,
         "precision": card.precision,
         "export_json": json.dumps(card.export),
+        "input_name": card.input_name,
+        "default_outputs": list(card.default_outputs),
+        "classified_output": "probabilities" if "probabilities" in model.outputs else card.default_outputs[0],
     }
 
 

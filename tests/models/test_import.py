@@ -17,6 +17,7 @@ import tritonclient.http as triton_http
 from PIL import Image
 from torch import nn
 
+from convserve.client import Client
 from convserve.contract import CARD_FILE
 from convserve.models.export import ExportError
 from convserve.models.importer import import_onnx
@@ -185,6 +186,14 @@ def test_a_softmax_ended_model_with_a_fixed_batch_is_imported_with_a_dynamic_bat
     x = np.random.default_rng(5).standard_normal((3, 1, 28, 28)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     expected = np.concatenate([session.run(["prob"], {"data": x[i : i + 1]})[0] for i in range(3)])
+    # the same file with its preprocessing given: it takes encoded images too, and convserve's own
+    # client classifies with its `prob` output (DescribeModel's classified_output)
+    import_onnx(str(path), repository=str(tmp_path / "repo"), name="tinyimg", preprocess="mean=0.5,std=0.25,color=L")
+    pixels = np.random.default_rng(6).integers(0, 256, (28, 28), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    as_tensor = ((pixels / 255.0 - 0.5) / 0.25)[None, None].astype(np.float32)
+    (reference,) = session.run(["prob"], {"data": as_tensor})
     grpc_port, http_port = free_ports(2)
     settings = Settings(repository=str(tmp_path / "repo"), host="127.0.0.1", http_port=http_port)
     with Loopback(settings, grpc_port) as served:
@@ -194,6 +203,12 @@ def test_a_softmax_ended_model_with_a_fixed_batch_is_imported_with_a_dynamic_bat
         answer = client.infer("tiny", [tensor])  # a batch of 3 through a file that took 1
         np.testing.assert_allclose(answer.as_numpy("prob"), expected, rtol=0, atol=1e-6)
         assert [i["name"] for i in client.get_model_metadata("tiny", as_json=True)["inputs"]] == ["data"]
+        with Client(served.url) as ours:
+            assert ours.describe("tinyimg").classified_output == "prob"
+            (classified,) = ours.classify([png.getvalue()], "tinyimg", top_k=3, feature_maps="all")
+            assert classified.top_k[0].index == int(reference[0].argmax())
+            assert abs(classified.top_k[0].probability - float(reference[0].max())) < 1e-4
+            assert classified.feature_maps["conv1"].shape == (4, 24, 24)
 
 
 def test_what_cannot_be_imported_is_refused_with_the_reason(resnet, tmp_path):

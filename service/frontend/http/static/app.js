@@ -93,9 +93,10 @@ async function classify(image) {
   try {
     const described = await (await call("/convserve/v1/models/" + encodeURIComponent(model) + "/describe")).json();
     const maps = described.feature_maps || [];
+    const classified = described.classified_output || "probabilities";  // an imported model's scores keep their name
     const header = {
       inputs: [{ name: "image", datatype: "BYTES", shape: [1, 1], parameters: { binary_data_size: image.length + 4 } }],
-      outputs: [{ name: "probabilities", parameters: { classification: 5, binary_data: false } }].concat(
+      outputs: [{ name: classified, parameters: { classification: 5, binary_data: false } }].concat(
         maps.map((name) => ({ name, parameters: { binary_data: true, datatype: fp16 ? "FP16" : "FP32" } }))),
     };
     const json = new TextEncoder().encode(JSON.stringify(header));
@@ -125,7 +126,7 @@ async function classify(image) {
     }
     const elapsed = performance.now() - started;
     await showSeen(model, image);
-    showAnswer(tensors.probabilities.data, answer.parameters, elapsed, raw.length, described);
+    showAnswer(tensors[classified].data, answer.parameters, elapsed, raw.length, described);
     await showLayers(model, described, maps, tensors);
     $("status").textContent = "done: " + raw.length.toLocaleString() + " bytes in " + elapsed.toFixed(0) + " ms";
   } catch (error) {
