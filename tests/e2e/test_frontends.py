@@ -48,13 +48,19 @@ def _channels_on_each_frontend(url: str, count: int, tries: int = 200) -> dict[s
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
 
 
-def _pids(server: RunningServer) -> dict[str, int]:
-    """The engine's and each front-end's pid, as the log names them (the latest of each)."""
-    text = open(server.log_path).read()
-    pids = {"engine": int(re.findall(r"engine pid (\d+) ready", text)[-1])}
-    for index, pid in re.findall(r"front-end (\d+) \(pid (\d+)\) connected", text):
-        pids[f"frontend-{index}"] = int(pid)
-    return pids
+def _pids(server: RunningServer, frontends: int = 0) -> dict[str, int]:
+    """The engine's and each front-end's pid, as the log names them (the latest of each). With
+    `frontends`, waits (up to 30 s) until the log names that many: the server answers ready through
+    the first front-end that connects, before the other's line may be written."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = open(server.log_path).read()
+        pids = {"engine": int(re.findall(r"engine pid (\d+) ready", text)[-1])}
+        for index, pid in re.findall(r"front-end (\d+) \(pid (\d+)\) connected", text):
+            pids[f"frontend-{index}"] = int(pid)
+        if all(f"frontend-{i}" in pids for i in range(frontends)) or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -163,7 +169,7 @@ def test_a_killed_engine_or_frontend_fails_requests_unavailable_and_comes_back(s
             thread.start()
         time.sleep(1.0)
         before = results["ok"]
-        os.kill(_pids(server)[victim], signal.SIGKILL)
+        os.kill(_pids(server, frontends=2)[victim], signal.SIGKILL)
         time.sleep(1.0)
         # serves again within seconds
         deadline = time.monotonic() + 30
@@ -185,7 +191,7 @@ def test_a_killed_engine_or_frontend_fails_requests_unavailable_and_comes_back(s
 
 def test_kill_9_of_the_supervisor_leaves_nothing_listening(served_repository):
     server = RunningServer(served_repository, "--frontends", "2")
-    pids = _pids(server)
+    pids = _pids(server, frontends=2)
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
     deadline = time.monotonic() + 30
@@ -290,7 +296,7 @@ def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_s
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server = RunningServer(served_repository, "--frontends", "2")
-    stopped = _pids(server)["frontend-0"]
+    stopped = _pids(server, frontends=2)["frontend-0"]
 
     def fresh_health() -> bool:
         try:
