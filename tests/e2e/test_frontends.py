@@ -296,7 +296,7 @@ def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_s
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server = RunningServer(served_repository, "--frontends", "2")
-    stopped = _pids(server, frontends=2)["frontend-0"]
+    stopped = 0  # known inside the try: a failure there still stops the server
 
     def fresh_health() -> bool:
         try:
@@ -307,6 +307,7 @@ def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_s
             return False
 
     try:
+        stopped = _pids(server, frontends=2)["frontend-0"]
         os.kill(stopped, signal.SIGSTOP)
         started = time.monotonic()
         deadline = started + 10
@@ -323,5 +324,6 @@ def test_a_stopped_front_end_is_killed_and_restarted_and_fresh_connections_are_s
         assert len(_channels_on_each_frontend(server.url, 2)) == 2
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(stopped, signal.SIGCONT)
+            if stopped:
+                os.kill(stopped, signal.SIGCONT)
         assert server.stop() == 0, server.output()
